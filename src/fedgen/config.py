@@ -1,0 +1,270 @@
+"""Typed experiment configuration: pydantic models, presets, TOML load/save, `--set` overrides."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion-mnist", "mnist", "cifar10", "svhn", "image-folder", "digits"] = "fashion-mnist"
+    path: str | None = Field(None, description="dataset location; default: $FEDGEN_DATA/<dataset> or the Debian path")
+    image_size: int | None = Field(None, ge=4, description="resize to this side (None: native size)")
+    channels: Literal[1, 3] | None = None
+    hflip: bool = Field(False, description="random horizontal flip during training (the paper, CIFAR-10)")
+    max_train_samples: int | None = Field(
+        None, ge=1, description="stratified seeded subset of the training split (None: all)"
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share for datasets without a test split")
+    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    beta: float = Field(0.5, gt=0, description="Dirichlet concentration; small = very non-IID")
+
+
+class ModelConfig(_Section):
+    arch: Literal["tiny", "cpu-small", "paper", "custom"] = "cpu-small"
+    block_out_channels: tuple[int, ...] | None = Field(None, description="only for arch='custom'")
+    layers_per_block: int | None = Field(None, ge=1, description="only for arch='custom'")
+    attention_levels: tuple[int, ...] | None = Field(
+        None, description="indices of down levels with self-attention (arch='custom')"
+    )
+
+
+class DiffusionConfig(_Section):
+    timesteps: int = Field(300, ge=2, description="T")
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="linear: DDPM's [1e-4, 0.02] rescaled by 1000/T so that alpha_bar_T ~ 0"
+    )
+    sigma: Literal["beta", "beta-tilde"] = Field("beta-tilde", description="ancestral sampler variance, eq. (3)")
+
+
+class FLConfig(_Section):
+    clients: int = Field(10, ge=1, description="N")
+    clients_per_round: int | None = Field(None, ge=1, description="K (None: all N)")
+    rounds: int = Field(300, ge=1, description="R")
+    local_epochs: int = Field(5, ge=1, description="E")
+    centralized: bool = Field(False, description="train one model on the union of the data for R x E epochs")
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> FLConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(
+                f"fl.clients_per_round ({self.clients_per_round}) exceeds fl.clients ({self.clients})"
+            )
+        return self
+
+    @property
+    def k(self) -> int:
+        return self.clients if self.clients_per_round is None else self.clients_per_round
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    bf16: bool = Field(False, description="bfloat16 autocast for the network (fast on CPUs with AMX)")
+
+
+class LogConfig(_Section):
+    sample_every: int = Field(0, ge=0, description="write a sample grid every k rounds (0: only at the end)")
+    samples_per_class: int = Field(8, ge=1)
+    loss_eval_samples: int = Field(
+        256, ge=0, description="images per client and of the test set for the per-round loss (fixed t, noise)"
+    )
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class Config(_Section):
+    name: str = "fedgen"
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    fl: FLConfig = FLConfig()
+    train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
+
+
+# Keys whose change on an existing run directory does not alter what the run computes.
+RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "description")
+
+
+def _paper(dataset: str, description: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The paper's setting: R=300, E=5, N=10 all participating, beta=0.5, batch 512, T=300, 32x32."""
+    base: dict[str, Any] = {
+        "description": description,
+        "data": {"dataset": dataset, "image_size": 32, "beta": 0.5, "hflip": dataset == "cifar10"},
+        "model": {"arch": "paper"},
+        "diffusion": {"timesteps": 300, "schedule": "linear"},
+        "fl": {"clients": 10, "rounds": 300, "local_epochs": 5},
+        "train": {"batch_size": 512, "lr": 2e-4},
+        "log": {"sample_every": 25},
+    }
+    for key, values in sections.items():
+        base.setdefault(key, {}).update(values)
+    return base
+
+
+def _build_presets() -> dict[str, dict[str, Any]]:
+    presets: dict[str, dict[str, Any]] = {
+        "smoke": {
+            "description": "scikit-learn digits, tiny U-Net, 2 rounds: finishes in seconds (tests, first look)",
+            "data": {"dataset": "digits", "image_size": 8, "beta": 0.5},
+            "model": {"arch": "tiny"},
+            "diffusion": {"timesteps": 50, "schedule": "cosine"},
+            "fl": {"clients": 4, "clients_per_round": 3, "rounds": 2, "local_epochs": 1},
+            "train": {"batch_size": 64, "lr": 1e-3},
+            "log": {"samples_per_class": 4, "loss_eval_samples": 64},
+        },
+        "fmnist-quick": {
+            "description": "the default job: real Fashion-MNIST, 10 Dirichlet(0.5) clients, small U-Net, "
+            "~12 min on 2 CPU cores",
+            "data": {"dataset": "fashion-mnist", "beta": 0.5, "max_train_samples": 12000},
+            "model": {"arch": "cpu-small"},
+            "diffusion": {"timesteps": 200, "schedule": "cosine"},
+            "fl": {"clients": 10, "rounds": 6, "local_epochs": 1},
+            "train": {"batch_size": 64, "lr": 1e-3, "bf16": True},
+            "log": {"sample_every": 2, "samples_per_class": 8, "loss_eval_samples": 128},
+        },
+    }
+    for dataset, short in (("fashion-mnist", "fmnist"), ("cifar10", "cifar10"), ("mnist", "mnist"),
+                           ("svhn", "svhn")):
+        presets[f"paper-{short}"] = _paper(dataset, f"the paper's default on {dataset}: N=10, beta=0.5, E=5, R=300")
+        for beta in (0.1, 5.0):
+            presets[f"paper-{short}-beta{beta:g}"] = _paper(
+                dataset, f"the paper on {dataset} with Dirichlet beta={beta:g}", data={"beta": beta}
+            )
+        for n in (30, 50):
+            presets[f"paper-{short}-n{n}"] = _paper(
+                dataset, f"the paper on {dataset}: N={n} clients, K=10 sampled per round",
+                fl={"clients": n, "clients_per_round": 10},
+            )
+        for e in (1, 10):
+            presets[f"paper-{short}-e{e}"] = _paper(
+                dataset, f"the paper on {dataset} with E={e} local epochs", fl={"local_epochs": e}
+            )
+        presets[f"paper-{short}-centralized"] = _paper(
+            dataset, f"centralized baseline on {dataset}: same model, all data, R x E epochs",
+            fl={"centralized": True},
+        )
+    presets["paper-ct"] = _paper(
+        "image-folder",
+        "the paper's CT-scan setting for an image folder of class sub-folders: 64x64, batch 128 "
+        "(set data.path)",
+        data={"image_size": 64, "hflip": False},
+        train={"batch_size": 128},
+    )
+    return presets
+
+
+PRESETS: dict[str, dict[str, Any]] = _build_presets()
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value: TOML syntax where it parses (numbers, booleans, arrays), else a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. fl.rounds=20), got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = None if value.strip().lower() == "none" else _parse_value(value.strip())
+    return raw
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {field}: {msg}")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]) | {"name": name}
+
+
+def load(preset_name: str | None = None, config_path: Path | None = None,
+         overrides: list[str] | None = None) -> Config:
+    """Resolve a config: preset (or defaults), then a TOML file, then `--set` overrides."""
+    raw: dict[str, Any] = preset(preset_name) if preset_name else {}
+    if config_path is not None:
+        try:
+            raw = _deep_update(raw, tomllib.loads(Path(config_path).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude_none=True)
+
+
+def save(cfg: Config, path: Path) -> None:
+    data = tomli_w.dumps(to_dict(cfg))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(data)
+    tmp.replace(path)
+
+
+def read(path: Path) -> Config:
+    return load(config_path=path)
+
+
+def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Flattened `section.key -> (old, new)` for every differing value."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a = flat(old.model_dump(mode="json"))
+    b = flat(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}

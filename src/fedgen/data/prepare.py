@@ -1,0 +1,28 @@
+"""From a data config to what training needs: the dataset (optionally subset) and the client split."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from fedgen.config import DataConfig
+from fedgen.data.sources import DatasetError, ImageDataset, ImageSplit, load_dataset
+
+
+def load_for_config(cfg: DataConfig, seed: int) -> ImageDataset:
+    """Load the configured dataset; apply `max_train_samples` as a seeded class-stratified subset."""
+    ds = load_dataset(cfg.dataset, cfg.path, image_size=cfg.image_size, channels=cfg.channels,
+                      test_fraction=cfg.test_fraction, seed=seed)
+    n = len(ds.train.labels)
+    if cfg.max_train_samples is not None and cfg.max_train_samples < n:
+        if cfg.max_train_samples < ds.num_classes:
+            raise DatasetError(
+                f"data.max_train_samples={cfg.max_train_samples} is below the number of classes ({ds.num_classes})"
+            )
+        keep, _ = train_test_split(np.arange(n), train_size=cfg.max_train_samples, random_state=seed % 2**32,
+                                   stratify=ds.train.labels)
+        keep = np.sort(keep)
+        ds = replace(ds, train=ImageSplit(ds.train.images[keep], ds.train.labels[keep]))
+    return ds

@@ -1,0 +1,134 @@
+"""A client's work in FedDM: copy the global weights, train E local epochs of Adam, report back.
+
+Transport-free: a runtime (in-process loop, Flower app) hands it a state and gets a state back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+from fedgen.data.transforms import random_hflip
+from fedgen.diffusion.loss import diffusion_loss
+from fedgen.fl.aggregate import State
+from fedgen.seeding import generator
+
+
+class NonFiniteLossError(RuntimeError):
+    """A local update produced a NaN or infinite loss; the round must be aborted."""
+
+
+@dataclass
+class ClientData:
+    images: torch.Tensor  # float32 (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FitResult:
+    state: State
+    num_examples: int
+    mean_loss: float
+    steps: int
+    optimizer_state: dict | None = field(default=None, repr=False)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    hflip: bool
+    bf16: bool
+    seed: int
+    keep_optimizer: bool = False  # carry Adam's state across rounds (the centralized baseline)
+
+
+def _clone_state(model: nn.Module) -> State:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class DiffusionClient:
+    """One data owner. `model` is a work buffer that may be shared by clients run one after another."""
+
+    def __init__(self, client_id: int, data: ClientData, model: nn.Module, scheduler: DDPMScheduler,
+                 device: torch.device):
+        self.client_id = client_id
+        self.data = data
+        self.model = model
+        self.scheduler = scheduler
+        self.device = device
+
+    def fit(self, global_state: State, round_idx: int, settings: TrainSettings,
+            optimizer_state: dict | None = None, on_step: Callable[[], None] | None = None) -> FitResult:
+        """E epochs of Adam on the DDPM loss, starting from `global_state`.
+
+        Data order, timesteps and noise come from a generator seeded by (seed, round, client), so the
+        result does not depend on what ran before (resuming gives the same weights). A fresh Adam is
+        used each round unless `settings.keep_optimizer` (the centralized baseline carries Adam's state).
+        """
+        model = self.model
+        model.load_state_dict(global_state)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        if settings.keep_optimizer and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        gen = generator(settings.seed, "fit", round_idx, self.client_id)
+        n = len(self.data)
+        total, steps = 0.0, 0
+        for _ in range(settings.epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, settings.batch_size):
+                idx = order[start:start + settings.batch_size]
+                x0 = self.data.images[idx]
+                if settings.hflip:
+                    x0 = random_hflip(x0, gen)
+                x0, y = x0.to(self.device), self.data.labels[idx].to(self.device)
+                loss = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"client {self.client_id}, round {round_idx + 1}: loss is {value} at local step {steps}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += value
+                steps += 1
+                if on_step is not None:
+                    on_step()
+        return FitResult(
+            state=_clone_state(model),
+            num_examples=n,
+            mean_loss=total / max(steps, 1),
+            steps=steps,
+            optimizer_state=optimizer.state_dict() if settings.keep_optimizer else None,
+        )
+
+
+@torch.no_grad()
+def evaluation_loss(model: nn.Module, scheduler: DDPMScheduler, data: ClientData, *, max_samples: int,
+                    seed: int, key: object, device: torch.device, batch_size: int = 256) -> float:
+    """DDPM loss of `model` on the first `max_samples` of a fixed seeded selection of `data`.
+
+    Timesteps and noise are drawn from a generator seeded by `key` alone, so the number is comparable
+    across rounds (the same images, t and noise every time).
+    """
+    model.eval()
+    gen = generator(seed, "eval-loss", key)
+    n = min(max_samples, len(data))
+    idx = torch.randperm(len(data), generator=gen)[:n]
+    total = 0.0
+    for chunk in idx.split(batch_size):
+        x0 = data.images[chunk].to(device)
+        y = data.labels[chunk].to(device)
+        total += diffusion_loss(model, scheduler, x0, y, gen, reduction="none").sum().item()
+    return total / max(n, 1)

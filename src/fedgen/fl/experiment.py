@@ -1,0 +1,85 @@
+"""Everything a FedDM run is made of, built from a config: data, client split, model, clients, server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from fedgen.config import Config
+from fedgen.data.partition import Partition, partition_labels
+from fedgen.data.prepare import load_for_config
+from fedgen.data.sources import ImageDataset
+from fedgen.data.transforms import to_tensor
+from fedgen.diffusion.schedule import ddpm_scheduler
+from fedgen.fl.client import ClientData, DiffusionClient, TrainSettings
+from fedgen.models.unet import build_unet
+from fedgen.seeding import derive_seed
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def make_partition(cfg: Config, labels: np.ndarray, num_classes: int) -> Partition:
+    """The client split; the centralized baseline is one client holding everything."""
+    if cfg.fl.centralized:
+        idx = np.arange(len(labels))
+        counts = np.bincount(labels, minlength=num_classes)[None]
+        return Partition("centralized", None, cfg.train.seed, [idx], counts)
+    return partition_labels(labels, cfg.fl.clients, method=cfg.data.partition, beta=cfg.data.beta,
+                            seed=cfg.train.seed, num_classes=num_classes)
+
+
+def new_model(cfg: Config, image_shape: tuple[int, int, int], num_classes: int,
+              device: torch.device) -> UNet2DModel:
+    """The U-Net, initialised from the run seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.train.seed, "init"))
+        return build_unet(cfg.model, image_shape, num_classes).to(device)
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    device: torch.device
+    dataset: ImageDataset
+    partition: Partition
+    model: UNet2DModel
+    scheduler: DDPMScheduler
+    clients: list[DiffusionClient]
+    test: ClientData
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device, partition: Partition | None = None) -> Experiment:
+        dataset = load_for_config(cfg.data, cfg.train.seed)
+        if partition is None:
+            partition = make_partition(cfg, dataset.train.labels, dataset.num_classes)
+        images = to_tensor(dataset.train.images)
+        labels = torch.from_numpy(dataset.train.labels)
+        model = new_model(cfg, dataset.image_shape, dataset.num_classes, device)
+        scheduler = ddpm_scheduler(cfg.diffusion)
+        clients = [
+            DiffusionClient(cid, ClientData(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)]),
+                            model, scheduler, device)
+            for cid, idx in enumerate(partition.client_indices)
+        ]
+        test = ClientData(to_tensor(dataset.test.images), torch.from_numpy(dataset.test.labels))
+        return cls(cfg, device, dataset, partition, model, scheduler, clients, test)
+
+    @property
+    def per_round(self) -> int:
+        return 1 if self.cfg.fl.centralized else self.cfg.fl.k
+
+    def train_settings(self) -> TrainSettings:
+        t = self.cfg.train
+        return TrainSettings(epochs=self.cfg.fl.local_epochs, batch_size=t.batch_size, lr=t.lr,
+                             hflip=self.cfg.data.hflip, bf16=t.bf16, seed=t.seed,
+                             keep_optimizer=self.cfg.fl.centralized)

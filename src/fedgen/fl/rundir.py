@@ -1,0 +1,177 @@
+"""A run is a directory (DESIGN section 2): config, partition, metrics, checkpoints, samples, client models.
+
+Checkpoints are committed atomically: a round is written to `checkpoints/round_NNNN.tmp/` and renamed
+to `round_NNNN/` only when complete, so killing the process at any moment leaves the last complete
+round intact. Client models trained in a round ride in that round's directory and are moved to
+`clients/` only after the rename (and again on load, should the move have been interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedgen import config as config_mod
+from fedgen.config import Config
+from fedgen.fl.aggregate import State
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used for this config."""
+
+
+@dataclass
+class Checkpoint:
+    round: int  # rounds completed
+    global_state: State
+    optimizer_state: dict | None
+    extra: dict
+
+
+def _contiguous(state: State) -> State:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # layout
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def partition_path(self) -> Path:
+        return self.path / "partition.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def clients(self) -> Path:
+        return self.path / "clients"
+
+    def client_model_path(self, client_id: int) -> Path:
+        return self.clients / f"client_{client_id:03d}.safetensors"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    # config
+    def init(self, cfg: Config) -> bool:
+        """Create the directory for `cfg`, or check it matches an existing run. True if resuming."""
+        if self.exists():
+            old = config_mod.read(self.config_path)
+            changes = config_mod.diff(old, cfg)
+            refused = {k: v for k, v in changes.items() if k not in config_mod.RESUMABLE_CHANGES}
+            if refused:
+                listing = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                raise RunDirError(
+                    f"{self.path} holds a run with a different config; refusing to mix them. Changed:\n{listing}\n"
+                    f"Only {', '.join(config_mod.RESUMABLE_CHANGES)} may change on an existing run "
+                    "(use a new --out directory)."
+                )
+            config_mod.save(cfg, self.config_path)
+            return True
+        for d in (self.path, self.checkpoints, self.samples, self.clients):
+            d.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, self.config_path)
+        return False
+
+    def config(self) -> Config:
+        if not self.exists():
+            raise RunDirError(f"{self.path} is not a fedgen run directory (no config.toml)")
+        return config_mod.read(self.config_path)
+
+    # metrics
+    def log(self, record: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, completed_rounds: int) -> None:
+        """Drop round records past the last checkpoint (written by a run killed before it committed)."""
+        records = [r for r in self.read_metrics() if r.get("round", 0) <= completed_rounds]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.metrics_path)
+
+    # checkpoints
+    def _round_dir(self, r: int) -> Path:
+        return self.checkpoints / f"round_{r:04d}"
+
+    def committed_rounds(self) -> list[int]:
+        if not self.checkpoints.exists():
+            return []
+        return sorted(
+            int(p.name.split("_")[1]) for p in self.checkpoints.glob("round_*")
+            if p.is_dir() and not p.name.endswith(".tmp") and (p / "state.json").exists()
+        )
+
+    def save_checkpoint(self, ckpt: Checkpoint, client_states: dict[int, State], keep: int) -> None:
+        final = self._round_dir(ckpt.round)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "clients").mkdir(parents=True)
+        save_file(_contiguous(ckpt.global_state), tmp / "global.safetensors")
+        for cid, state in client_states.items():
+            save_file(_contiguous(state), tmp / "clients" / f"client_{cid:03d}.safetensors")
+        if ckpt.optimizer_state is not None:
+            torch.save(ckpt.optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"round": ckpt.round, **ckpt.extra}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # the commit point
+        self._publish_clients(final)
+        for r in self.committed_rounds()[:-keep]:
+            shutil.rmtree(self._round_dir(r), ignore_errors=True)
+
+    def _publish_clients(self, round_dir: Path) -> None:
+        self.clients.mkdir(exist_ok=True)
+        for f in sorted((round_dir / "clients").glob("*.safetensors")):
+            f.replace(self.clients / f.name)
+
+    def load_checkpoint(self, device: torch.device | str = "cpu") -> Checkpoint | None:
+        """The last committed round, or None. Cleans up half-written rounds."""
+        for tmp in self.checkpoints.glob("round_*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        rounds = self.committed_rounds()
+        if not rounds:
+            return None
+        d = self._round_dir(rounds[-1])
+        self._publish_clients(d)
+        state = json.loads((d / "state.json").read_text())
+        opt_path = d / "optimizer.pt"
+        return Checkpoint(
+            round=state.pop("round"),
+            global_state=load_file(d / "global.safetensors", device=str(device)),
+            optimizer_state=torch.load(opt_path, map_location=device) if opt_path.exists() else None,
+            extra=state,
+        )
+
+    def load_client_model(self, client_id: int, device: torch.device | str = "cpu") -> State:
+        path = self.client_model_path(client_id)
+        if not path.exists():
+            have = sorted(int(p.stem.split("_")[1]) for p in self.clients.glob("client_*.safetensors"))
+            raise RunDirError(
+                f"no local model for client {client_id} in {self.path} (clients with a model: {have or 'none'})"
+            )
+        return load_file(path, device=str(device))

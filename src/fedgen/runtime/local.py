@@ -1,0 +1,146 @@
+"""The in-process runtime: clients run one after another in this process (the default, fastest here)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fedgen import config as config_mod
+from fedgen.config import Config
+from fedgen.data.partition import Partition
+from fedgen.fl.client import FitResult, NonFiniteLossError, evaluation_loss
+from fedgen.fl.experiment import Experiment, resolve_device
+from fedgen.fl.rundir import Checkpoint, RunDir
+from fedgen.fl.server import FedAvgServer
+from fedgen.report.grid import sample_grid
+
+
+class TrainingAborted(RuntimeError):
+    """A round failed; the run directory still holds the last good checkpoint."""
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
+    """Train (or resume, or extend) the FedDM run described by `cfg` in directory `out`."""
+    console = console or Console()
+    run = RunDir(out)
+    resuming = run.init(cfg)
+    device = resolve_device(cfg.train.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
+                  f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
+    console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
+
+    partition = Partition.load(run.partition_path) if run.partition_path.exists() else None
+    exp = Experiment.build(cfg, device, partition)
+    if partition is None:
+        exp.partition.save(run.partition_path)
+    ckpt = run.load_checkpoint(device)
+    meta = {"image_shape": list(exp.dataset.image_shape), "classes": exp.dataset.classes,
+            "dataset": exp.dataset.name}
+    if ckpt is None:
+        state = {k: v.detach().clone() for k, v in exp.model.state_dict().items()}
+        start, optimizer_state = 0, None
+        run.truncate_metrics(0)
+        run.log({"event": "start", "device": str(device), "num_params": sum(p.numel() for p in exp.model.parameters()),
+                 "client_sizes": exp.partition.sizes.tolist(), **meta})
+    else:
+        state, start, optimizer_state = ckpt.global_state, ckpt.round, ckpt.optimizer_state
+        run.truncate_metrics(start)
+        console.print(f"resuming after round {start} (last complete checkpoint)")
+    rounds = cfg.fl.rounds
+    if start >= rounds:
+        console.print(f"run already has {start} rounds (fl.rounds={rounds}); nothing to train")
+        if not (run.samples / "final.png").exists():
+            _write_samples(exp, state, run.samples / "final.png", console)
+        return run
+
+    server = FedAvgServer(len(exp.clients), exp.per_round, cfg.train.seed, state)
+    settings = exp.train_settings()
+    with _progress(console) as progress:
+        rounds_task = progress.add_task("rounds", total=rounds, completed=start)
+        for r in range(start, rounds):
+            t0 = time.perf_counter()
+            selected = server.select(r)
+            clients_task = progress.add_task(f"round {r + 1}: clients", total=len(selected))
+            results: dict[int, FitResult] = {}
+            for cid in selected:
+                client = exp.clients[cid]
+                steps = settings.epochs * -(-len(client.data) // settings.batch_size)
+                step_task = progress.add_task(f"client {cid}: steps", total=steps)
+                try:
+                    results[cid] = client.fit(server.global_state, r, settings, optimizer_state,
+                                              on_step=lambda t=step_task: progress.advance(t))
+                except NonFiniteLossError as exc:
+                    last = run.committed_rounds()
+                    where = f"round {last[-1]}" if last else "none yet (no round completed)"
+                    raise TrainingAborted(
+                        f"round {r + 1} aborted: {exc}. Nothing was written for this round; the last good "
+                        f"checkpoint in {run.checkpoints} is {where}. Lower train.lr or check the data."
+                    ) from None
+                progress.remove_task(step_task)
+                progress.advance(clients_task)
+            progress.remove_task(clients_task)
+            state = server.aggregate(results)
+            optimizer_state = results[selected[0]].optimizer_state
+            train_time = time.perf_counter() - t0
+            record = {
+                "event": "round", "round": r + 1, "clients": selected,
+                "local_train_loss": {str(c): results[c].mean_loss for c in selected},
+                **_global_losses(exp, state, selected),
+                "train_time_s": round(train_time, 3),
+                "bytes_down": server.model_bytes * len(selected),
+                "bytes_up": server.model_bytes * len(results),
+            }
+            last_round = r + 1 == rounds
+            if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):
+                _write_samples(exp, state, run.samples / f"round_{r + 1:04d}.png", console)
+            record["time_s"] = round(time.perf_counter() - t0, 3)
+            run.log(record)
+            run.save_checkpoint(Checkpoint(r + 1, state, optimizer_state, meta),
+                                {c: res.state for c, res in results.items()}, keep=cfg.log.keep_checkpoints)
+            progress.advance(rounds_task)
+            console.print(f"round {r + 1}/{rounds}: test loss {record['global_test_loss']:.4f}, "
+                          f"mean client loss {record['global_client_loss_mean']:.4f}, {record['time_s']:.1f}s")
+    final = run.samples / f"round_{rounds:04d}.png"
+    (run.samples / "final.png").write_bytes(final.read_bytes())
+    console.print(f"done: samples in {run.samples / 'final.png'}, checkpoints in {run.checkpoints}")
+    return run
+
+
+def _global_losses(exp: Experiment, state, selected: list[int]) -> dict:
+    """The new global model's DDPM loss on each participating client's data and on the test set."""
+    n = exp.cfg.log.loss_eval_samples
+    if n == 0:
+        return {"global_client_loss": {}, "global_client_loss_mean": float("nan"), "global_test_loss": float("nan")}
+    exp.model.load_state_dict(state)
+    seed, device = exp.cfg.train.seed, exp.device
+    per_client = {str(c): evaluation_loss(exp.model, exp.scheduler, exp.clients[c].data, max_samples=n, seed=seed,
+                                          key=("client", c), device=device) for c in selected}
+    test = evaluation_loss(exp.model, exp.scheduler, exp.test, max_samples=4 * n, seed=seed, key="test",
+                           device=device)
+    return {"global_client_loss": per_client,
+            "global_client_loss_mean": sum(per_client.values()) / len(per_client),
+            "global_test_loss": test}
+
+
+def _write_samples(exp: Experiment, state, path: Path, console: Console) -> None:
+    exp.model.load_state_dict(state)
+    t0 = time.perf_counter()
+    sample_grid(exp.model, exp.cfg.diffusion, exp.dataset.classes, exp.dataset.image_shape,
+                exp.cfg.log.samples_per_class, path, seed=exp.cfg.train.seed)
+    console.print(f"samples: {path} ({time.perf_counter() - t0:.1f}s)")
+
+
+def _toml(cfg: Config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(config_mod.to_dict(cfg))

@@ -1,0 +1,67 @@
+import pytest
+
+from fedgen import config as C
+
+
+def test_presets_validate_and_cover_the_paper_settings():
+    for name in C.PRESETS:
+        cfg = C.load(name)
+        assert cfg.name == name
+        assert C.PRESETS[name]["description"]
+    paper = C.load("paper-cifar10")
+    assert (paper.fl.rounds, paper.fl.local_epochs, paper.fl.clients, paper.fl.k) == (300, 5, 10, 10)
+    assert (paper.train.batch_size, paper.train.lr, paper.diffusion.timesteps) == (512, 2e-4, 300)
+    assert paper.data.image_size == 32 and paper.data.hflip and paper.data.beta == 0.5
+    assert C.load("paper-cifar10-beta0.1").data.beta == 0.1
+    assert C.load("paper-cifar10-beta5").data.beta == 5.0
+    n50 = C.load("paper-fmnist-n50").fl
+    assert (n50.clients, n50.k) == (50, 10)
+    assert C.load("paper-fmnist-e10").fl.local_epochs == 10
+    assert C.load("paper-fmnist-centralized").fl.centralized
+    ct = C.load("paper-ct")
+    assert (ct.data.dataset, ct.data.image_size, ct.train.batch_size) == ("image-folder", 64, 128)
+
+
+def test_toml_file_then_overrides(tmp_path):
+    path = tmp_path / "my.toml"
+    path.write_text('[data]\ndataset = "digits"\nbeta = 0.3\n[fl]\nrounds = 7\n')
+    cfg = C.load(config_path=path, overrides=["fl.rounds=20", "data.beta=0.1", "model.arch=tiny",
+                                              "data.path=/some/where", "fl.clients_per_round=none"])
+    assert cfg.data.dataset == "digits"
+    assert cfg.fl.rounds == 20 and cfg.data.beta == 0.1 and cfg.model.arch == "tiny"
+    assert cfg.data.path == "/some/where" and cfg.fl.clients_per_round is None
+
+
+def test_save_and_read_round_trip(tmp_path):
+    cfg = C.load("smoke", overrides=["fl.rounds=3"])
+    C.save(cfg, tmp_path / "c.toml")
+    assert C.read(tmp_path / "c.toml") == cfg
+    assert C.diff(cfg, C.load("smoke")) == {"fl.rounds": (3, 2)}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["fl.roundz=3"], "fl.roundz: unknown key"),
+        (["data.beta=0"], "data.beta: Input should be greater than 0"),
+        (["data.dataset=imagenet"], "data.dataset"),
+        (["fl.rounds=abc"], "fl.rounds"),
+        (["fl.clients=5", "fl.clients_per_round=6"], "fl.clients_per_round (6) exceeds fl.clients (5)"),
+        (["nonsense"], "--set expects key=value"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(C.ConfigError) as exc:
+        C.load("smoke", overrides=overrides)
+    assert message in str(exc.value)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(C.ConfigError, match="unknown preset 'nope'; available: smoke, fmnist-quick"):
+        C.load("nope")
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load(config_path=tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fl\nrounds=")
+    with pytest.raises(C.ConfigError, match="not valid TOML"):
+        C.load(config_path=bad)

@@ -1,0 +1,149 @@
+"""End-to-end FedDM on the smoke preset: run directory, resume after a kill, extend, refuse, NaN abort."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fedgen import config as C
+from fedgen.fl import client as client_mod
+from fedgen.fl.rundir import RunDir, RunDirError
+from fedgen.runtime.local import TrainingAborted, train
+
+QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+
+
+def _final_global(run_dir):
+    run = RunDir(run_dir)
+    return load_file(run.checkpoints / f"round_{run.committed_rounds()[-1]:04d}" / "global.safetensors")
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    cfg = C.load("smoke", overrides=["fl.rounds=3"])
+    train(cfg, out, QUIET)
+    return cfg, out
+
+
+def test_run_directory_layout(smoke_run):
+    cfg, out = smoke_run
+    run = RunDir(out)
+    assert C.read(run.config_path) == cfg
+    part = json.loads(run.partition_path.read_text())
+    assert part["method"] == "dirichlet" and part["beta"] == 0.5 and len(part["client_indices"]) == 4
+    records = run.read_metrics()
+    assert records[0]["event"] == "start" and records[0]["classes"] == [str(i) for i in range(10)]
+    rounds = [r for r in records if r["event"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        assert len(r["clients"]) == 3 and set(r["global_client_loss"]) == {str(c) for c in r["clients"]}
+        assert 0 < r["global_test_loss"] < 2 and r["time_s"] > 0
+        assert r["bytes_down"] == r["bytes_up"] == 3 * 4 * records[0]["num_params"]
+    # the loss on fixed (images, t, noise) falls as training proceeds
+    assert rounds[-1]["global_test_loss"] < rounds[0]["global_test_loss"]
+    assert run.committed_rounds() == [2, 3]  # keep_checkpoints = 2
+    assert (run.samples / "final.png").exists() and (run.samples / "round_0003.png").exists()
+    trained = {c for r in rounds for c in r["clients"]}
+    assert {int(p.stem.split("_")[1]) for p in run.clients.glob("*.safetensors")} == trained
+
+
+def test_extending_equals_uninterrupted(smoke_run, tmp_path):
+    _, full = smoke_run
+    out = tmp_path / "ext"
+    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    train(C.load("smoke", overrides=["fl.rounds=3"]), out, QUIET)
+    _assert_same_state(_final_global(out), _final_global(full))
+    assert [r["round"] for r in RunDir(out).read_metrics() if r["event"] == "round"] == [1, 2, 3]
+
+
+def test_kill_and_resume_gives_identical_weights(smoke_run, tmp_path):
+    _, full = smoke_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedgen.cli", "train", "--preset", "smoke", "--set", "fl.rounds=3", "--out",
+           str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "round_0001").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert RunDir(out).committed_rounds()[-1] < 3
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    _assert_same_state(_final_global(out), _final_global(full))
+
+
+def test_half_written_checkpoint_is_ignored(smoke_run, tmp_path):
+    import shutil
+
+    _, full = smoke_run
+    out = tmp_path / "copy"
+    shutil.copytree(full, out)
+    run = RunDir(out)
+    partial = run.checkpoints / "round_0004.tmp"
+    (partial / "clients").mkdir(parents=True)
+    (partial / "global.safetensors").write_bytes(b"garbage")
+    ckpt = run.load_checkpoint()
+    assert ckpt.round == 3 and not partial.exists()
+
+
+def test_changed_config_is_refused_with_the_list(smoke_run):
+    _, out = smoke_run
+    with pytest.raises(RunDirError) as exc:
+        train(C.load("smoke", overrides=["fl.rounds=3", "data.beta=0.1", "train.lr=0.01"]), out, QUIET)
+    msg = str(exc.value)
+    assert "data.beta: 0.5 -> 0.1" in msg and "train.lr: 0.001 -> 0.01" in msg and "fl.rounds" not in msg
+
+
+def test_nan_loss_aborts_round_and_keeps_last_checkpoint(smoke_run, tmp_path, monkeypatch):
+    import shutil
+
+    _, full = smoke_run
+    out = tmp_path / "nan"
+    shutil.copytree(full, out)
+    before = _final_global(out)
+    real_loss = client_mod.diffusion_loss
+
+    def poisoned(*args, **kwargs):
+        return real_loss(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(client_mod, "diffusion_loss", poisoned)
+    with pytest.raises(TrainingAborted, match=r"round 4 aborted: client \d+, round 4: loss is nan.*round 3"):
+        train(C.load("smoke", overrides=["fl.rounds=4"]), out, QUIET)
+    run = RunDir(out)
+    assert run.committed_rounds()[-1] == 3
+    _assert_same_state(_final_global(out), before)
+    assert max(r.get("round", 0) for r in run.read_metrics()) == 3
+
+
+def test_centralized_baseline_trains_one_model_on_all_data(tmp_path):
+    out = tmp_path / "cen"
+    cfg = C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=2"])
+    train(cfg, out, QUIET)
+    run = RunDir(out)
+    part = json.loads(run.partition_path.read_text())
+    assert part["method"] == "centralized" and len(part["client_indices"]) == 1
+    rounds = [r for r in run.read_metrics() if r["event"] == "round"]
+    assert [r["clients"] for r in rounds] == [[0], [0]]
+    assert (run.checkpoints / "round_0002" / "optimizer.pt").exists()  # Adam carried across rounds
+    # resuming the centralized run after round 1 gives the same weights
+    out2 = tmp_path / "cen2"
+    train(C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=1"]), out2, QUIET)
+    train(cfg, out2, QUIET)
+    _assert_same_state(_final_global(out2), _final_global(out))
