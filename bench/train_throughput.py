@@ -76,7 +76,8 @@ def main() -> None:
     device = resolve_device(args.device)
     rows = [bench_case(*case, device, args.repeats, args.steps) for case in CASES]
     print(f"training throughput on {device} ({torch.get_num_threads()} threads, torch {torch.__version__})")
-    print(f"{'arch':<10} {'input':<9} {'batch':>5} {'bf16':>5} {'params':>8} {'median img/s':>13} {'min':>7} {'max':>7}")
+    head = ("arch", "input", "batch", "bf16", "params", "median img/s", "min", "max")
+    print("{:<10} {:<9} {:>5} {:>5} {:>8} {:>13} {:>7} {:>7}".format(*head))
     for r in rows:
         print(f"{r['arch']:<10} {'x'.join(map(str, r['shape'])):<9} {r['batch']:>5} {str(r['bf16']):>5} "
               f"{r['params'] / 1e6:>7.2f}M {r['median_img_per_s']:>13.1f} {r['min_img_per_s']:>7.1f} "

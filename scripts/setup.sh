@@ -44,5 +44,7 @@ want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing fedgen and its dependencies into .venv"
   "${PIP[@]}" -c constraints.txt -e ".[dev]"
+  # torch-fidelity's FID Inception network, without its torchvision requirement (CUDA wheels, DESIGN section 3)
+  "${PIP[@]}" --no-deps "torch-fidelity==0.4.0"
   echo "$want" > "$stamp"
 fi

@@ -29,7 +29,7 @@ def test_unscaled_ddpm_schedule_would_fail_at_T300():
 @pytest.mark.parametrize("sigma", ["beta", "beta-tilde"])
 def test_scheduler_step_is_equation_3(sigma):
     """x_{t-1} = 1/sqrt(a_t) (x_t - (1 - a_t)/sqrt(1 - abar_t) eps) + sigma_t z."""
-    cfg = DiffusionConfig(timesteps=50, schedule="linear", sigma=sigma)
+    cfg = DiffusionConfig(timesteps=50, schedule="linear", sigma=sigma, clip_x0=False)
     sched = ddpm_scheduler(cfg)
     sched.set_timesteps(50)
     b = betas("linear", 50).float()
@@ -49,11 +49,31 @@ def test_scheduler_step_is_equation_3(sigma):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_clipping_x0_only_acts_when_the_prediction_leaves_the_data_range():
+    clipped = ddpm_scheduler(DiffusionConfig(timesteps=50, clip_x0=True))
+    literal = ddpm_scheduler(DiffusionConfig(timesteps=50, clip_x0=False))
+    ab = alpha_bars("linear", 50).float()
+    t = 30
+    x0 = torch.rand(2, 1, 4, 4) * 1.8 - 0.9  # in range
+    eps = torch.randn(2, 1, 4, 4)
+    x_t = ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * eps
+    for s in (clipped, literal):
+        s.set_timesteps(50)
+    a = clipped.step(eps, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+    b = literal.step(eps, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    far = x_t - 5.0  # implies x0 far below -1
+    a = clipped.step(eps, t, far, generator=torch.Generator().manual_seed(0)).prev_sample
+    b = literal.step(eps, t, far, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert (a > b + 0.1).all()  # the clipped step pulls back towards the data range
+
+
 def test_sigma_choices_differ_and_bad_input():
     cfg = DiffusionConfig(timesteps=20)
     assert ddpm_scheduler(cfg, "beta").config.variance_type == "fixed_large"
     assert ddpm_scheduler(cfg, "beta-tilde").config.variance_type == "fixed_small"
-    assert not ddpm_scheduler(cfg).config.clip_sample
+    assert ddpm_scheduler(cfg).config.clip_sample
+    assert not ddpm_scheduler(DiffusionConfig(timesteps=20, clip_x0=False)).config.clip_sample
     with pytest.raises(ValueError, match="unknown sigma"):
         ddpm_scheduler(cfg, "huge")
     with pytest.raises(ValueError, match="unknown schedule"):

@@ -45,7 +45,8 @@ def train(
     from fedgen.data.partition import PartitionError
     from fedgen.data.sources import DatasetError
     from fedgen.fl.rundir import RunDir, RunDirError
-    from fedgen.runtime.local import TrainingAborted, train as run_training
+    from fedgen.runtime.local import TrainingAborted
+    from fedgen.runtime.local import train as run_training
 
     overrides = list(set_ or [])
     if centralized:
@@ -94,7 +95,9 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="grid PNG")],
     n: Annotated[int, typer.Option(help="number of images (rounded up to a full row per class)")] = 64,
     client: Annotated[int | None, typer.Option(help="sample client N's own final local model")] = None,
-    sigma: Annotated[str | None, typer.Option(help="ancestral variance: beta | beta-tilde")] = None,
+    sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver")] = "ddpm",
+    steps: Annotated[int | None, typer.Option(help="network evaluations (default: T for ddpm, 50 otherwise)")] = None,
+    sigma: Annotated[str | None, typer.Option(help="ddpm variance: beta | beta-tilde (default: the config's)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample a grid with one row per class from the global (or a client's) model."""
@@ -106,10 +109,54 @@ def sample(
         loaded = load_run_model(run, client=client)
         per_class = math.ceil(n / len(loaded.classes))
         sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, per_class, out,
-                    seed=seed, sigma=sigma)
+                    seed=seed, sampler=sampler, steps=steps, sigma=sigma, with_palette=client is not None)
     except (RunDirError, ConfigError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"{per_class * len(loaded.classes)} samples ({per_class} per class) from {loaded.source}: {out}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    client: Annotated[int | None, typer.Option(help="evaluate client N's personalised model")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="generated images (default: the config's, else test size)")]
+    = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | dpm-solver (default: the config's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="network evaluations per image")] = None,
+    tstr: Annotated[bool, typer.Option("--tstr", help="also train on synthetic, test on real")] = False,
+    tstr_samples: Annotated[int | None, typer.Option(help="synthetic training images (default: train size)")]
+    = None,
+    inception_weights: Annotated[Path | None, typer.Option(help="local FID Inception weights (.pth)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """FID/KID/IS/precision-recall (domain, and Inception with local weights) and TSTR; appends to metrics.jsonl."""
+    from fedgen.data.prepare import load_reference
+    from fedgen.data.sources import DatasetError
+    from fedgen.fl.rundir import RunDir, RunDirError
+    from fedgen.metrics.evaluate import evaluate_model
+    from fedgen.metrics.inception import InceptionWeightsError
+    from fedgen.runtime.models import load_run_model
+
+    try:
+        loaded = load_run_model(run, client=client)
+        updates = {"samples": n, "sampler": sampler, "steps": steps, "tstr_samples": tstr_samples,
+                   "inception_weights": str(inception_weights) if inception_weights else None}
+        ev = loaded.cfg.eval.model_copy(update={k: v for k, v in updates.items() if v is not None})
+        if tstr:
+            ev = ev.model_copy(update={"tstr": True})
+        ds = load_reference(loaded.cfg.data, loaded.cfg.train.seed)
+        record = evaluate_model(loaded.model, loaded.cfg, ds, ev, seed=seed,
+                                log=lambda m: console.print(m, highlight=False))
+    except (RunDirError, ConfigError, DatasetError, InceptionWeightsError, ValueError) as exc:
+        _fail(str(exc))
+    record = {"event": "evaluate", "round": loaded.round, "model": "global" if client is None else f"client {client}",
+              **record}
+    RunDir(run).log(record)
+    table = Table("metric", "value", title=f"{loaded.source} (round {loaded.round})")
+    for key, value in record.items():
+        if key not in ("event", "round", "model"):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class DiffusionConfig(_Section):
         "linear", description="linear: DDPM's [1e-4, 0.02] rescaled by 1000/T so that alpha_bar_T ~ 0"
     )
     sigma: Literal["beta", "beta-tilde"] = Field("beta-tilde", description="ancestral sampler variance, eq. (3)")
+    clip_x0: bool = Field(
+        True, description="clip the predicted x_0 to [-1, 1] at each sampling step (DDPM's reference code); "
+        "false: eq. (3) literally"
+    )
 
 
 class FLConfig(_Section):
@@ -87,6 +91,19 @@ class LogConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="evaluate the global model every k rounds during training (0: never)")
+    samples: int | None = Field(None, ge=10, description="generated images for FID etc. (None: test-set size)")
+    sampler: Literal["ddpm", "ddim", "dpm-solver"] = "dpm-solver"
+    steps: int | None = Field(25, ge=1, description="network evaluations per image (None: T for ddpm)")
+    tstr: bool = Field(False, description="also train-on-synthetic/test-on-real")
+    tstr_samples: int | None = Field(None, ge=10, description="synthetic training images (None: train-set size)")
+    classifier_epochs: int = Field(4, ge=1, description="epochs of the evaluation CNN (domain features and TSTR)")
+    inception_weights: str | None = Field(
+        None, description="local FID Inception weights file (else $FEDGEN_INCEPTION_WEIGHTS); none: domain only"
+    )
+
+
 class Config(_Section):
     name: str = "fedgen"
     description: str = ""
@@ -96,10 +113,13 @@ class Config(_Section):
     fl: FLConfig = FLConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 # Keys whose change on an existing run directory does not alter what the run computes.
-RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "description")
+RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "description",
+                     "eval.every", "eval.samples", "eval.sampler", "eval.steps", "eval.tstr", "eval.tstr_samples",
+                     "eval.inception_weights")
 
 
 def _paper(dataset: str, description: str, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -132,12 +152,12 @@ def _build_presets() -> dict[str, dict[str, Any]]:
         "fmnist-quick": {
             "description": "the default job: real Fashion-MNIST, 10 Dirichlet(0.5) clients, small U-Net, "
             "~12 min on 2 CPU cores",
-            "data": {"dataset": "fashion-mnist", "beta": 0.5, "max_train_samples": 12000},
+            "data": {"dataset": "fashion-mnist", "beta": 0.5, "max_train_samples": 10000},
             "model": {"arch": "cpu-small"},
-            "diffusion": {"timesteps": 200, "schedule": "cosine"},
+            "diffusion": {"timesteps": 200, "schedule": "linear"},
             "fl": {"clients": 10, "rounds": 6, "local_epochs": 1},
-            "train": {"batch_size": 64, "lr": 1e-3, "bf16": True},
-            "log": {"sample_every": 2, "samples_per_class": 8, "loss_eval_samples": 128},
+            "train": {"batch_size": 32, "lr": 1e-3, "bf16": True},
+            "log": {"sample_every": 0, "samples_per_class": 8, "loss_eval_samples": 64},
         },
     }
     for dataset, short in (("fashion-mnist", "fmnist"), ("cifar10", "cifar10"), ("mnist", "mnist"),

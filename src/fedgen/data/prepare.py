@@ -11,10 +11,15 @@ from fedgen.config import DataConfig
 from fedgen.data.sources import DatasetError, ImageDataset, ImageSplit, load_dataset
 
 
+def load_reference(cfg: DataConfig, seed: int) -> ImageDataset:
+    """The configured dataset's full real splits at the model's resolution (what metrics compare against)."""
+    return load_dataset(cfg.dataset, cfg.path, image_size=cfg.image_size, channels=cfg.channels,
+                        test_fraction=cfg.test_fraction, seed=seed)
+
+
 def load_for_config(cfg: DataConfig, seed: int) -> ImageDataset:
     """Load the configured dataset; apply `max_train_samples` as a seeded class-stratified subset."""
-    ds = load_dataset(cfg.dataset, cfg.path, image_size=cfg.image_size, channels=cfg.channels,
-                      test_fraction=cfg.test_fraction, seed=seed)
+    ds = load_reference(cfg, seed)
     n = len(ds.train.labels)
     if cfg.max_train_samples is not None and cfg.max_train_samples < n:
         if cfg.max_train_samples < ds.num_classes:

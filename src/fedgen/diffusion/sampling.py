@@ -1,12 +1,39 @@
-"""Class-conditional sampling: the ancestral sampler of eq. (3) driven through a diffusers scheduler."""
+"""Class-conditional sampling through diffusers schedulers.
+
+- `ddpm`: the ancestral sampler of eq. (3), sigma_t^2 = beta_t or beta~_t (all T steps unless `steps`
+  respaces it);
+- `ddim`: deterministic DDIM (eta = 0);
+- `dpm-solver`: DPM-Solver++ (2nd-order multistep).
+All three run over the run's own betas, so a model trained once serves every sampler.
+"""
 
 from __future__ import annotations
 
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from fedgen.config import DiffusionConfig
-from fedgen.diffusion.schedule import ddpm_scheduler
+from fedgen.diffusion.schedule import betas, ddpm_scheduler
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+
+
+def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm", sigma: str | None = None):
+    if sampler == "ddpm":
+        return ddpm_scheduler(cfg, sigma)
+    trained = betas(cfg.schedule, cfg.timesteps).float().numpy()
+    if sampler == "ddim":
+        return DDIMScheduler(num_train_timesteps=cfg.timesteps, trained_betas=trained, clip_sample=cfg.clip_x0,
+                             set_alpha_to_one=True, timestep_spacing="trailing", prediction_type="epsilon")
+    if sampler == "dpm-solver":
+        return DPMSolverMultistepScheduler(num_train_timesteps=cfg.timesteps, trained_betas=trained,
+                                           algorithm_type="dpmsolver++", solver_order=2,
+                                           timestep_spacing="trailing", final_sigmas_type="zero",
+                                           prediction_type="epsilon",
+                                           # with sample_max_value 1, dynamic thresholding is a clip to [-1, 1]
+                                           thresholding=cfg.clip_x0, sample_max_value=1.0)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
 @torch.no_grad()
@@ -17,26 +44,33 @@ def sample(
     image_shape: tuple[int, int, int],
     *,
     seed: int = 0,
+    sampler: str = "ddpm",
+    steps: int | None = None,
     sigma: str | None = None,
     batch_size: int = 256,
     progress=None,
 ) -> torch.Tensor:
     """Draw one image per label, in [-1, 1] (clamped at the end only), shape (N, C, H, W).
 
-    Starts from x_T ~ N(0, I) and applies eq. (3) for t = T..1 with sigma_t^2 = beta_t or beta~_t.
-    `progress`, if given, is called with the number of network evaluations done after each step.
+    Starts from x_T ~ N(0, I). `steps` network evaluations per image (default: T for ddpm, 50 otherwise).
+    `progress`, if given, is called with 1 after each network evaluation of a batch.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
+    if not 1 <= steps <= cfg.timesteps:
+        raise ValueError(f"steps must be in [1, T={cfg.timesteps}], got {steps}")
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for chunk in labels.split(batch_size):
-        scheduler = ddpm_scheduler(cfg, sigma)
-        scheduler.set_timesteps(cfg.timesteps)
-        x = torch.randn((len(chunk), *image_shape), generator=generator).to(device)
+        scheduler = make_scheduler(cfg, sampler, sigma)
+        scheduler.set_timesteps(steps)
+        x = torch.randn((len(chunk), *image_shape), generator=generator).to(device) * scheduler.init_noise_sigma
         y = chunk.to(device)
         for t in scheduler.timesteps:
-            eps = model(x, t.to(device).expand(len(chunk)), class_labels=y).sample
+            eps = model(scheduler.scale_model_input(x, t), t.to(device).expand(len(chunk)), class_labels=y).sample
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
             if progress is not None:
                 progress(1)

@@ -42,8 +42,10 @@ def ddpm_scheduler(cfg: DiffusionConfig, sigma: str | None = None) -> DDPMSchedu
     """diffusers DDPM scheduler over our betas: training noise (eq. 1) and the ancestral sampler (eq. 3).
 
     sigma 'beta' uses sigma_t^2 = beta_t (diffusers 'fixed_large'); 'beta-tilde' uses the posterior
-    variance (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t ('fixed_small'). No clipping of x_0, so a
-    step is exactly eq. (3).
+    variance (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t ('fixed_small'). With `cfg.clip_x0` false a step
+    is exactly eq. (3); with it true (the default, as in DDPM's reference code) the step goes through the
+    predicted x_0 clipped to [-1, 1], which equals eq. (3) whenever that prediction is in range and keeps an
+    imperfect model from drifting off the data range in the near-pure-noise steps.
     """
     sigma = sigma or cfg.sigma
     if sigma not in ("beta", "beta-tilde"):
@@ -52,6 +54,6 @@ def ddpm_scheduler(cfg: DiffusionConfig, sigma: str | None = None) -> DDPMSchedu
         num_train_timesteps=cfg.timesteps,
         trained_betas=betas(cfg.schedule, cfg.timesteps).float().numpy(),
         variance_type="fixed_large" if sigma == "beta" else "fixed_small",
-        clip_sample=False,
+        clip_sample=cfg.clip_x0,
         prediction_type="epsilon",
     )

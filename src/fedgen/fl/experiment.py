@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from fedgen.config import Config
 from fedgen.data.partition import Partition, partition_labels
-from fedgen.data.prepare import load_for_config
+from fedgen.data.prepare import load_for_config, load_reference
 from fedgen.data.sources import ImageDataset
 from fedgen.data.transforms import to_tensor
 from fedgen.diffusion.schedule import ddpm_scheduler
@@ -73,6 +74,11 @@ class Experiment:
         ]
         test = ClientData(to_tensor(dataset.test.images), torch.from_numpy(dataset.test.labels))
         return cls(cfg, device, dataset, partition, model, scheduler, clients, test)
+
+    @cached_property
+    def reference(self) -> ImageDataset:
+        """The full real splits (not the training subset) that metrics compare against."""
+        return load_reference(self.cfg.data, self.cfg.train.seed)
 
     @property
     def per_round(self) -> int:

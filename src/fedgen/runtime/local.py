@@ -7,7 +7,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from fedgen import config as config_mod
 from fedgen.config import Config
@@ -105,6 +112,8 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
                 _write_samples(exp, state, run.samples / f"round_{r + 1:04d}.png", console)
             record["time_s"] = round(time.perf_counter() - t0, 3)
             run.log(record)
+            if cfg.eval.every and ((r + 1) % cfg.eval.every == 0 or last_round):
+                run.log({"event": "evaluate", "round": r + 1, "model": "global", **_evaluate(exp, state, console)})
             run.save_checkpoint(Checkpoint(r + 1, state, optimizer_state, meta),
                                 {c: res.state for c, res in results.items()}, keep=cfg.log.keep_checkpoints)
             progress.advance(rounds_task)
@@ -130,6 +139,18 @@ def _global_losses(exp: Experiment, state, selected: list[int]) -> dict:
     return {"global_client_loss": per_client,
             "global_client_loss_mean": sum(per_client.values()) / len(per_client),
             "global_test_loss": test}
+
+
+def _evaluate(exp: Experiment, state, console: Console) -> dict:
+    from fedgen.metrics.evaluate import evaluate_model
+
+    exp.model.load_state_dict(state)
+    record = evaluate_model(exp.model, exp.cfg, exp.reference, exp.cfg.eval, seed=exp.cfg.train.seed,
+                            log=lambda m: console.print(m, highlight=False))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("fid_", "is_", "tstr_acc"))
+                      and not k.endswith("_std"))
+    console.print(f"evaluation: {shown}")
+    return record
 
 
 def _write_samples(exp: Experiment, state, path: Path, console: Console) -> None:

@@ -1,0 +1,66 @@
+"""Domain FID against network evaluations (NFE) for each sampler, on one trained run.
+
+    .venv/bin/python bench/sampler_fid.py runs/demo [--n 2000] [--out bench/results/sampler_fid.json]
+
+For each (sampler, steps) it generates `n` labelled images with the test set's class proportions from the
+run's global model and reports domain FID against the real test set (features of the cached domain
+classifier; not comparable with Inception FID) and the wall time. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fedgen.data.prepare import load_reference
+from fedgen.diffusion.sampling import sample
+from fedgen.metrics.evaluate import labels_like, real_features
+from fedgen.metrics.features import domain_extractor
+from fedgen.metrics.generative import fid
+from fedgen.runtime.models import load_run_model
+
+GRID = [("ddpm", None), ("ddpm", 100), ("ddpm", 50), ("ddim", 50), ("ddim", 20), ("ddim", 10),
+        ("dpm-solver", 25), ("dpm-solver", 10), ("dpm-solver", 5)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--n", type=int, default=2000, help="generated images per setting")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/sampler_fid.json"))
+    args = ap.parse_args()
+    loaded = load_run_model(args.run)
+    cfg = loaded.cfg
+    ds = load_reference(cfg.data, cfg.train.seed)
+    extractor, info = domain_extractor(ds, epochs=cfg.eval.classifier_epochs)
+    real, _ = real_features(extractor, info["cache_key"], "test", ds.test.images)
+    labels = labels_like(ds.test.labels, args.n, ds.num_classes)
+    rows = []
+    for sampler, steps in GRID:
+        steps = steps or cfg.diffusion.timesteps
+        t0 = time.perf_counter()
+        x = sample(loaded.model, cfg.diffusion, labels, loaded.image_shape, seed=0, sampler=sampler, steps=steps)
+        seconds = time.perf_counter() - t0
+        feats, _ = extractor.features_and_logits(x)
+        rows.append({"sampler": sampler, "nfe": steps, "fid_domain_test": fid(real, feats), "seconds": seconds,
+                     "images_per_s": args.n / seconds})
+        r = rows[-1]
+        print(f"{sampler:<11} NFE {steps:>4}  fid_domain_test {r['fid_domain_test']:8.3f}  {seconds:7.1f}s", flush=True)
+    print(f"\n{'sampler':<11} {'NFE':>4} {'fid_domain_test':>16} {'seconds':>8} {'img/s':>7}")
+    for r in rows:
+        print(f"{r['sampler']:<11} {r['nfe']:>4} {r['fid_domain_test']:>16.3f} {r['seconds']:>8.1f} "
+              f"{r['images_per_s']:>7.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"run": str(args.run), "round": loaded.round, "n": args.n, "device": str(next(loaded.model.parameters())
+            .device), "threads": torch.get_num_threads(), "domain_classifier_real_test_accuracy":
+            info["real_test_accuracy"], "note": "domain FID: features of fedgen's EvalCNN, not Inception"}
+    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

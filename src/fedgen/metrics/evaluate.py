@@ -1,0 +1,100 @@
+"""Evaluate a trained model: generate labelled samples, then FID/KID/IS/precision-recall and TSTR.
+
+Generated sets follow the real set's class counts (the paper: as many samples as the test set, with its
+class counts, for FID; as many as the training set for TSTR). Every key names its extractor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedgen.config import Config, EvalConfig
+from fedgen.data.sources import ImageDataset
+from fedgen.data.transforms import to_tensor
+from fedgen.diffusion.sampling import sample
+from fedgen.metrics.features import Extractor, cache_dir, domain_extractor
+from fedgen.metrics.generative import generative_metrics
+from fedgen.metrics.tstr import tstr_accuracy
+
+
+def labels_like(labels: np.ndarray, n: int, num_classes: int) -> torch.Tensor:
+    """n labels with the class proportions of `labels` (largest remainder; exact counts when n == len)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    want = counts / counts.sum() * n
+    base = np.floor(want).astype(np.int64)
+    base[np.argsort(-(want - base), kind="stable")[: n - base.sum()]] += 1
+    return torch.from_numpy(np.repeat(np.arange(num_classes), base))
+
+
+def real_features(extractor: Extractor, key: str, split: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of a real split, cached per dataset and extractor."""
+    path = cache_dir() / f"{key}-{extractor.name}-{split}-features.safetensors"
+    if path.exists():
+        t = load_file(path)
+        return t["features"], t["logits"]
+    feats, logits = extractor.features_and_logits(to_tensor(images))
+    save_file({"features": feats.contiguous(), "logits": logits.contiguous()}, path)
+    return feats, logits
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor
+    labels: torch.Tensor
+    seconds: float
+
+
+def generate(model, cfg: Config, labels: torch.Tensor, image_shape, ev: EvalConfig, seed: int,
+             progress=None) -> Generated:
+    t0 = time.perf_counter()
+    x = sample(model, cfg.diffusion, labels, image_shape, seed=seed, sampler=ev.sampler, steps=ev.steps,
+               progress=progress)
+    return Generated(x, labels, time.perf_counter() - t0)
+
+
+def inception_weights_path(ev: EvalConfig) -> str | None:
+    return ev.inception_weights or os.environ.get("FEDGEN_INCEPTION_WEIGHTS")
+
+
+def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed: int = 0, log=print,
+                   progress=None) -> dict:
+    """All metrics of `model` (a class-conditional eps U-Net) against the real splits of `ds`."""
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    extractor, info = domain_extractor(ds, device=device, epochs=ev.classifier_epochs, seed=cfg.train.seed, log=log)
+    key = info["cache_key"]
+    extractors = [extractor]
+    weights = inception_weights_path(ev)
+    if weights:
+        from fedgen.metrics.inception import inception_extractor
+
+        extractors.append(inception_extractor(weights, device=device))
+    else:
+        log("no Inception weights given (--inception-weights or FEDGEN_INCEPTION_WEIGHTS): domain metrics only")
+    n = ev.samples or len(ds.test.labels)
+    fake = generate(model, cfg, labels_like(ds.test.labels, n, ds.num_classes), ds.image_shape, ev, seed, progress)
+    record: dict = {"sampler": ev.sampler, "steps": ev.steps or cfg.diffusion.timesteps, "generated": n,
+                    "sampling_s": round(fake.seconds, 2),
+                    "domain_classifier_real_test_accuracy": info["real_test_accuracy"]}
+    for ex in extractors:
+        real = {split: real_features(ex, key, split, getattr(ds, split).images) for split in ("train", "test")}
+        feats, logits = ex.features_and_logits(fake.images)
+        record |= generative_metrics(ex.name, {s: f for s, (f, _) in real.items()}, feats, logits)
+        record[f"notes_{ex.name}"] = ex.note
+    if ev.tstr:
+        m = ev.tstr_samples or len(ds.train.labels)
+        syn = generate(model, cfg, labels_like(ds.train.labels, m, ds.num_classes), ds.image_shape, ev, seed + 1,
+                       progress)
+        record["tstr_accuracy"] = tstr_accuracy(syn.images, syn.labels, to_tensor(ds.test.images),
+                                                torch.from_numpy(ds.test.labels), ds.num_classes,
+                                                epochs=ev.classifier_epochs, seed=cfg.train.seed, device=device)
+        record["tstr_generated"] = m
+        record["real_train_real_test_accuracy"] = info["real_test_accuracy"]  # same CNN and recipe, real data
+    record["time_s"] = round(time.perf_counter() - t0, 2)
+    return record

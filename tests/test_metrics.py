@@ -1,0 +1,148 @@
+"""Evaluation: domain features, FID/KID/IS/precision-recall, TSTR, the Inception path and input ranges."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedgen.data.sources import load_dataset
+from fedgen.data.transforms import to_tensor
+from fedgen.metrics import generative as G
+from fedgen.metrics.evaluate import labels_like
+from fedgen.metrics.features import RangeError, check_signed_unit_range, domain_extractor
+from fedgen.metrics.inception import InceptionWeightsError, inception_extractor, sha256_of, to_inception_input
+from fedgen.metrics.tstr import tstr_accuracy
+
+
+@pytest.fixture(scope="module")
+def digits_domain(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ds = load_dataset("digits")
+    extractor, info = domain_extractor(ds, epochs=6, log=lambda m: None)
+    yield ds, extractor, info
+    mp.undo()
+
+
+def test_domain_classifier_is_accurate_and_cached(digits_domain):
+    ds, extractor, info = digits_domain
+    assert info["real_test_accuracy"] > 0.9
+    again, info2 = domain_extractor(ds, epochs=6, log=lambda m: pytest.fail("should load from cache"))
+    assert info2["real_test_accuracy"] == info["real_test_accuracy"]
+    x = to_tensor(ds.test.images[:50])
+    torch.testing.assert_close(again.features_and_logits(x)[0], extractor.features_and_logits(x)[0])
+
+
+def test_fid_and_kid_are_zero_on_itself_and_grow_with_noise(digits_domain):
+    ds, extractor, _ = digits_domain
+    real = to_tensor(ds.test.images)
+    ref, _ = extractor.features_and_logits(real)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(real.shape, generator=gen)
+    fids, kids = [], []
+    for sigma in (0.0, 0.1, 0.3, 0.6, 1.0):
+        noisy = (real + sigma * noise).clamp(-1, 1)
+        feats, _ = extractor.features_and_logits(noisy)
+        fids.append(G.fid(ref, feats))
+        kids.append(G.kid(ref, feats, subsets=20, subset_size=200)[0])
+    assert abs(fids[0]) < 1e-6 and abs(kids[0]) < 1e-3
+    assert all(b > a for a, b in zip(fids, fids[1:], strict=False)), fids
+    assert all(b > a for a, b in zip(kids[1:], kids[2:], strict=False)), kids
+
+
+def test_precision_recall_and_inception_score_bounds():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 8, generator=gen)
+    assert G.precision_recall(a, a) == (1.0, 1.0)
+    assert G.precision_recall(a, a + 100) == (0.0, 0.0)
+    # fakes collapsed on a quarter of the real support: precise, poor recall
+    p, r = G.precision_recall(a, a[a[:, 0] > 0.67])
+    assert p == 1.0 and r < 0.6
+    uniform = torch.zeros(100, 10)
+    assert G.inception_score(uniform)[0] == pytest.approx(1.0, abs=1e-4)
+    confident = torch.nn.functional.one_hot(torch.arange(100) % 10, 10).float() * 50
+    assert G.inception_score(confident)[0] == pytest.approx(10.0, abs=1e-2)
+
+
+def test_metric_keys_name_the_extractor():
+    gen = torch.Generator().manual_seed(0)
+    real = {"train": torch.randn(200, 4, generator=gen), "test": torch.randn(200, 4, generator=gen)}
+    out = G.generative_metrics("domain", real, torch.randn(200, 4, generator=gen), torch.randn(200, 10))
+    assert {"fid_domain_train", "fid_domain_test", "kid_domain_test", "precision_domain_test",
+            "recall_domain_test", "is_domain"} <= set(out)
+    assert not any("inception" in k for k in out)
+
+
+def test_tstr_on_real_data_matches_the_real_baseline(digits_domain):
+    ds, _, info = digits_domain
+    x, y = to_tensor(ds.train.images), torch.from_numpy(ds.train.labels)
+    acc = tstr_accuracy(x, y, to_tensor(ds.test.images), torch.from_numpy(ds.test.labels), ds.num_classes, epochs=6)
+    assert acc == pytest.approx(info["real_test_accuracy"], abs=0.02)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    chance = tstr_accuracy(x, shuffled, to_tensor(ds.test.images), torch.from_numpy(ds.test.labels),
+                           ds.num_classes, epochs=2)
+    assert chance < 0.3
+
+
+def test_generated_labels_follow_the_real_class_counts():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    assert torch.bincount(labels_like(labels, 100, 3)).tolist() == [50, 30, 20]
+    assert torch.bincount(labels_like(labels, 10, 3)).tolist() == [5, 3, 2]
+    assert len(labels_like(labels, 7, 3)) == 7
+
+
+# ---------------------------------------------------------------- input ranges (the paper's uint8 bug)
+
+
+def test_domain_extractor_refuses_uint8_and_out_of_range(digits_domain):
+    _, extractor, _ = digits_domain
+    with pytest.raises(RangeError, match="float images"):
+        extractor.features_and_logits(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(RangeError, match=r"in \[-1, 1\], got values in \[0.000, 255.000\]"):
+        check_signed_unit_range(torch.full((1, 1, 4, 4), 255.0))
+
+
+def test_inception_input_maps_signed_unit_range_to_full_uint8():
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).view(1, 1, 1, 5)
+    u8 = to_inception_input(x)
+    assert u8.dtype == torch.uint8 and u8.shape == (1, 3, 1, 5)
+    assert u8[0, 0, 0].tolist() == [0, 64, 128, 191, 255]
+    # the bug this guards against: casting [-1, 1] straight to uint8 keeps 0/1 and wraps -1 to 255
+    assert x.to(torch.uint8)[0, 0, 0].tolist() != u8[0, 0, 0].tolist()
+    with pytest.raises(RangeError):
+        to_inception_input(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------- the Inception path
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    from fedgen.metrics.inception import _inception_class
+
+    cls = _inception_class()
+
+    class RandomInit(cls):
+        def load_state_dict(self, *args, **kwargs):  # keep the random initialisation
+            return None
+
+    torch.manual_seed(0)
+    net = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    path = tmp_path_factory.mktemp("weights") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_weights_hash_refused_and_accepted(random_inception_weights):
+    with pytest.raises(InceptionWeightsError, match="does not match the FID Inception weights"):
+        inception_extractor(random_inception_weights)
+    with pytest.raises(InceptionWeightsError, match="not found"):
+        inception_extractor(random_inception_weights.with_name("missing.pth"))
+    extractor = inception_extractor(random_inception_weights, expected_sha256=sha256_of(random_inception_weights))
+    assert extractor.name == "inception"
+    seen = []
+    extractor.module.net.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    images = torch.linspace(-1, 1, 2 * 16 * 16).view(2, 1, 16, 16)
+    feats, logits = extractor.features_and_logits(images)
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert seen[0].dtype == torch.uint8 and seen[0].shape == (2, 3, 16, 16)
+    assert seen[0].min().item() == 0 and seen[0].max().item() == 255
