@@ -92,3 +92,10 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     result = runner.invoke(app, ["partition", "--dataset", "fashion-mnist", "--out", str(tmp_path / "h.png")])
     assert result.exit_code == 1
     assert "apt-get install dataset-fashion-mnist" in " ".join(result.output.split())
+
+
+def test_failed_start_leaves_no_run_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--set", "data.dataset=mnist", "--out", "r"])
+    assert result.exit_code == 1
+    assert not (tmp_path / "r" / "config.toml").exists()  # fixing the config and rerunning is not "a change"

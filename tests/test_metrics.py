@@ -1,5 +1,7 @@
 """Evaluation: domain features, FID/KID/IS/precision-recall, TSTR, the Inception path and input ranges."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -38,15 +40,18 @@ def test_fid_and_kid_are_zero_on_itself_and_grow_with_noise(digits_domain):
     ref, _ = extractor.features_and_logits(real)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(real.shape, generator=gen)
+    half = len(real) // 2
     fids, kids = [], []
     for sigma in (0.0, 0.1, 0.3, 0.6, 1.0):
-        noisy = (real + sigma * noise).clamp(-1, 1)
-        feats, _ = extractor.features_and_logits(noisy)
+        feats, _ = extractor.features_and_logits((real + sigma * noise).clamp(-1, 1))
         fids.append(G.fid(ref, feats))
-        kids.append(G.kid(ref, feats, subsets=20, subset_size=200)[0])
-    assert abs(fids[0]) < 1e-6 and abs(kids[0]) < 1e-3
+        # KID is unbiased for independent samples: compare two disjoint halves of the test set
+        kids.append(G.kid(ref[:half], feats[half:], subsets=20, subset_size=half)[0])
+    assert abs(fids[0]) < 1e-6
+    assert abs(kids[0]) < 0.02 * kids[-1]
     assert all(b > a for a, b in zip(fids, fids[1:], strict=False)), fids
-    assert all(b > a for a, b in zip(kids[1:], kids[2:], strict=False)), kids
+    # sigma=0.1 is below KID's resolution on 180 images (|KID| < 0.02 either way); from 0.3 on it grows
+    assert abs(kids[1]) < 0.02 and all(b > a for a, b in zip(kids[1:], kids[2:], strict=False)), kids
 
 
 def test_precision_recall_and_inception_score_bounds():
@@ -55,12 +60,13 @@ def test_precision_recall_and_inception_score_bounds():
     assert G.precision_recall(a, a) == (1.0, 1.0)
     assert G.precision_recall(a, a + 100) == (0.0, 0.0)
     # fakes collapsed on a quarter of the real support: precise, poor recall
-    p, r = G.precision_recall(a, a[a[:, 0] > 0.67])
-    assert p == 1.0 and r < 0.6
+    b = torch.randn(500, 2, generator=gen)
+    p, r = G.precision_recall(b, b[b[:, 0] > 0.67])
+    assert p == 1.0 and 0.15 < r < 0.4
     uniform = torch.zeros(100, 10)
     assert G.inception_score(uniform)[0] == pytest.approx(1.0, abs=1e-4)
-    confident = torch.nn.functional.one_hot(torch.arange(100) % 10, 10).float() * 50
-    assert G.inception_score(confident)[0] == pytest.approx(10.0, abs=1e-2)
+    confident = torch.nn.functional.one_hot(torch.arange(2000) % 10, 10).float() * 50
+    assert G.inception_score(confident)[0] == pytest.approx(10.0, rel=0.05)  # random splits of 200: ~uniform marginal
 
 
 def test_metric_keys_name_the_extractor():
@@ -97,7 +103,7 @@ def test_domain_extractor_refuses_uint8_and_out_of_range(digits_domain):
     _, extractor, _ = digits_domain
     with pytest.raises(RangeError, match="float images"):
         extractor.features_and_logits(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
-    with pytest.raises(RangeError, match=r"in \[-1, 1\], got values in \[0.000, 255.000\]"):
+    with pytest.raises(RangeError, match=r"in \[-1, 1\], got values in \[255.000, 255.000\]"):
         check_signed_unit_range(torch.full((1, 1, 4, 4), 255.0))
 
 
@@ -126,7 +132,8 @@ def random_inception_weights(tmp_path_factory):
             return None
 
     torch.manual_seed(0)
-    net = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    with mock.patch("torch.load", return_value={}):  # nothing to load: keep the random initialisation
+        net = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
     path = tmp_path_factory.mktemp("weights") / "inception-random.pth"
     torch.save(net.state_dict(), path)
     return path

@@ -108,7 +108,8 @@ def test_changed_config_is_refused_with_the_list(smoke_run):
     with pytest.raises(RunDirError) as exc:
         train(C.load("smoke", overrides=["fl.rounds=3", "data.beta=0.1", "train.lr=0.01"]), out, QUIET)
     changed = str(exc.value).split("Changed:")[1].split("Only")[0]
-    assert changed.strip().splitlines() == ["data.beta: 0.5 -> 0.1", "train.lr: 0.001 -> 0.01"]
+    assert [line.strip() for line in changed.strip().splitlines()] == ["data.beta: 0.5 -> 0.1",
+                                                                       "train.lr: 0.001 -> 0.01"]
 
 
 def test_nan_loss_aborts_round_and_keeps_last_checkpoint(smoke_run, tmp_path, monkeypatch):

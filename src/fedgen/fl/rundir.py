@@ -73,25 +73,26 @@ class RunDir:
         return self.config_path.exists()
 
     # config
-    def init(self, cfg: Config) -> bool:
-        """Create the directory for `cfg`, or check it matches an existing run. True if resuming."""
-        if self.exists():
-            old = config_mod.read(self.config_path)
-            changes = config_mod.diff(old, cfg)
-            refused = {k: v for k, v in changes.items() if k not in config_mod.RESUMABLE_CHANGES}
-            if refused:
-                listing = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                raise RunDirError(
-                    f"{self.path} holds a run with a different config; refusing to mix them. Changed:\n{listing}\n"
-                    f"Only {', '.join(config_mod.RESUMABLE_CHANGES)} may change on an existing run "
-                    "(use a new --out directory)."
-                )
-            config_mod.save(cfg, self.config_path)
-            return True
+    def check(self, cfg: Config) -> bool:
+        """True if this directory already holds a run of `cfg`; refuses a run of another config."""
+        if not self.exists():
+            return False
+        old = config_mod.read(self.config_path)
+        changes = config_mod.diff(old, cfg)
+        refused = {k: v for k, v in changes.items() if k not in config_mod.RESUMABLE_CHANGES}
+        if refused:
+            listing = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise RunDirError(
+                f"{self.path} holds a run with a different config; refusing to mix them. Changed:\n{listing}\n"
+                f"Only {', '.join(config_mod.RESUMABLE_CHANGES)} may change on an existing run "
+                "(use a new --out directory)."
+            )
+        return True
+
+    def write_config(self, cfg: Config) -> None:
         for d in (self.path, self.checkpoints, self.samples, self.clients):
             d.mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, self.config_path)
-        return False
 
     def config(self) -> Config:
         if not self.exists():

@@ -41,7 +41,9 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, subset_size: 
         metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
-    mean, std = metric.compute()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the random subsets: same inputs, same number
+        mean, std = metric.compute()
     return float(mean), float(std)
 
 
@@ -50,7 +52,9 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
         warnings.simplefilter("ignore")
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
     metric.update(logits.float())
-    mean, std = metric.compute()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the random splits
+        mean, std = metric.compute()
     return float(mean), float(std)
 
 

@@ -1,17 +1,12 @@
 """The standard FID Inception network (torch-fidelity's `FeatureExtractorInceptionV3`) from a local file.
 
-torch-fidelity is installed without its dependencies (its torchvision requirement would pull CUDA wheels that
-break torchmetrics here, DESIGN section 3). Its package `__init__` imports torchvision-based modules, so the
-Inception module is imported from the package directory without running that `__init__`; the module itself
+torch-fidelity is installed without its torchvision requirement (see `fedgen.metrics`); the Inception module
 needs only torch. The weights are never downloaded: a local file is required and checked by SHA-256.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import torch
@@ -29,18 +24,13 @@ class InceptionWeightsError(ValueError):
 
 
 def _inception_class():
-    if "torch_fidelity.feature_extractor_inceptionv3" in sys.modules:
-        return sys.modules["torch_fidelity.feature_extractor_inceptionv3"].FeatureExtractorInceptionV3
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None or not spec.submodule_search_locations:
+    from fedgen.metrics import TORCH_FIDELITY_AVAILABLE
+
+    if not TORCH_FIDELITY_AVAILABLE:
         raise InceptionWeightsError(
             "Inception metrics need torch-fidelity: `.venv/bin/pip install --no-deps torch-fidelity` "
             "(scripts/setup.sh does this)"
         )
-    if "torch_fidelity" not in sys.modules:
-        package = types.ModuleType("torch_fidelity")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["torch_fidelity"] = package
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     return FeatureExtractorInceptionV3

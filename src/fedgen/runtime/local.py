@@ -39,15 +39,15 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
     """Train (or resume, or extend) the FedDM run described by `cfg` in directory `out`."""
     console = console or Console()
     run = RunDir(out)
-    resuming = run.init(cfg)
+    resuming = run.check(cfg)
     device = resolve_device(cfg.train.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
                   f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
     console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
 
     partition = Partition.load(run.partition_path) if run.partition_path.exists() else None
-    exp = Experiment.build(cfg, device, partition)
+    exp = Experiment.build(cfg, device, partition)  # bad data fails here, before the directory is written
+    run.write_config(cfg)
     if partition is None:
         exp.partition.save(run.partition_path)
     ckpt = run.load_checkpoint(device)
