@@ -61,3 +61,39 @@ def test_seeded_and_bad_input():
     with pytest.raises(ValueError, match=r"steps must be in \[1, T=20\]"):
         sample(model, cfg, LABELS, (1, 8, 8), steps=50)
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpm-solver"}
+
+
+class LabelConstant(torch.nn.Module):
+    """eps = label value everywhere: lets the guidance combination be checked exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, x, t, class_labels):
+        self.seen.append(class_labels.clone())
+        return type("Out", (), {"sample": class_labels.float().view(-1, 1, 1, 1).expand_as(x).clone()})
+
+
+def test_classifier_free_guidance_combines_conditional_and_null():
+    cfg = DiffusionConfig(timesteps=10, clip_x0=False)
+    labels = torch.tensor([1, 2])
+    model = LabelConstant()
+    plain = sample(model, cfg, labels, (1, 2, 2), sampler="ddim", steps=1, guidance=1.0, null_label=5)
+    assert [s.tolist() for s in model.seen] == [[1, 2]]
+    model.seen.clear()
+    guided = sample(model, cfg, labels, (1, 2, 2), sampler="ddim", steps=1, guidance=3.0, null_label=5)
+    assert [s.tolist() for s in model.seen] == [[1, 2, 5, 5]]
+    # one deterministic DDIM step from the same x_T is affine in eps: compare with eps = 5 + 3 (y - 5)
+    model.seen.clear()
+
+    class Fixed(LabelConstant):
+        def forward(self, x, t, class_labels):
+            eps = (5 + 3 * (class_labels.float() - 5)).view(-1, 1, 1, 1).expand_as(x).clone()
+            return type("Out", (), {"sample": eps})
+
+    torch.testing.assert_close(guided, sample(Fixed(), cfg, labels, (1, 2, 2), sampler="ddim", steps=1))
+    assert not torch.equal(plain, guided)
+    with pytest.raises(ValueError, match="needs a model trained with train.label_dropout"):
+        sample(model, cfg, labels, (1, 2, 2), guidance=2.0)

@@ -148,3 +148,16 @@ def test_centralized_baseline_trains_one_model_on_all_data(tmp_path):
     train(C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=1"]), out2, QUIET)
     train(cfg, out2, QUIET)
     _assert_same_state(_final_global(out2), _final_global(out))
+
+
+def test_label_dropout_trains_a_null_class_for_guidance(tmp_path):
+    from fedgen.report.grid import sample_grid
+    from fedgen.runtime.models import load_run_model
+
+    out = tmp_path / "cfg"
+    train(C.load("smoke", overrides=["fl.rounds=1", "train.label_dropout=0.2"]), out, QUIET)
+    loaded = load_run_model(out)
+    assert loaded.model.config.num_class_embeds == 11  # ten classes + the null label
+    sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, 2, tmp_path / "g.png",
+                guidance=2.0)
+    assert (tmp_path / "g.png").exists()

@@ -98,6 +98,8 @@ def sample(
     sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver")] = "ddpm",
     steps: Annotated[int | None, typer.Option(help="network evaluations (default: T for ddpm, 50 otherwise)")] = None,
     sigma: Annotated[str | None, typer.Option(help="ddpm variance: beta | beta-tilde (default: the config's)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
+    = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample a grid with one row per class from the global (or a client's) model."""
@@ -109,7 +111,8 @@ def sample(
         loaded = load_run_model(run, client=client)
         per_class = math.ceil(n / len(loaded.classes))
         sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, per_class, out,
-                    seed=seed, sampler=sampler, steps=steps, sigma=sigma, with_palette=client is not None)
+                    seed=seed, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance,
+                    with_palette=client is not None)
     except (RunDirError, ConfigError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"{per_class * len(loaded.classes)} samples ({per_class} per class) from {loaded.source}: {out}")
@@ -127,6 +130,8 @@ def evaluate(
     tstr_samples: Annotated[int | None, typer.Option(help="synthetic training images (default: train size)")]
     = None,
     inception_weights: Annotated[Path | None, typer.Option(help="local FID Inception weights (.pth)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
+    = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """FID/KID/IS/precision-recall (domain, and Inception with local weights) and TSTR; appends to metrics.jsonl."""
@@ -144,6 +149,8 @@ def evaluate(
         ev = loaded.cfg.eval.model_copy(update={k: v for k, v in updates.items() if v is not None})
         if tstr:
             ev = ev.model_copy(update={"tstr": True})
+        if guidance is not None:
+            loaded.cfg.diffusion.guidance = guidance
         ds = load_reference(loaded.cfg.data, loaded.cfg.train.seed)
         record = evaluate_model(loaded.model, loaded.cfg, ds, ev, seed=seed,
                                 log=lambda m: console.print(m, highlight=False))

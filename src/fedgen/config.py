@@ -48,6 +48,9 @@ class DiffusionConfig(_Section):
         "linear", description="linear: DDPM's [1e-4, 0.02] rescaled by 1000/T so that alpha_bar_T ~ 0"
     )
     sigma: Literal["beta", "beta-tilde"] = Field("beta-tilde", description="ancestral sampler variance, eq. (3)")
+    guidance: float = Field(
+        1.0, ge=0, description="classifier-free guidance scale w (1: plain conditional; needs train.label_dropout)"
+    )
     clip_x0: bool = Field(
         True, description="clip the predicted x_0 to [-1, 1] at each sampling step (DDPM's reference code); "
         "false: eq. (3) literally"
@@ -80,6 +83,10 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     bf16: bool = Field(False, description="bfloat16 autocast for the network (fast on CPUs with AMX)")
+    label_dropout: float = Field(
+        0.0, ge=0, lt=1, description="share of training labels replaced by a null class (enables classifier-free "
+        "guidance)"
+    )
 
 
 class LogConfig(_Section):
@@ -119,7 +126,7 @@ class Config(_Section):
 # Keys whose change on an existing run directory does not alter what the run computes.
 RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "description",
                      "eval.every", "eval.samples", "eval.sampler", "eval.steps", "eval.tstr", "eval.tstr_samples",
-                     "eval.inception_weights")
+                     "eval.inception_weights", "diffusion.sigma", "diffusion.guidance")
 
 
 def _paper(dataset: str, description: str, **sections: dict[str, Any]) -> dict[str, Any]:

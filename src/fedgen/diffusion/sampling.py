@@ -47,6 +47,8 @@ def sample(
     sampler: str = "ddpm",
     steps: int | None = None,
     sigma: str | None = None,
+    guidance: float | None = None,
+    null_label: int | None = None,
     batch_size: int = 256,
     progress=None,
 ) -> torch.Tensor:
@@ -54,7 +56,12 @@ def sample(
 
     Starts from x_T ~ N(0, I). `steps` network evaluations per image (default: T for ddpm, 50 otherwise).
     `progress`, if given, is called with 1 after each network evaluation of a batch.
+    Classifier-free guidance (w = `guidance`, default the config's) uses eps_null + w (eps_y - eps_null), with
+    `null_label` the class the model was trained on for dropped labels; w = 1 is the plain conditional model.
     """
+    guidance = cfg.guidance if guidance is None else guidance
+    if guidance != 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance needs a model trained with train.label_dropout > 0")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
@@ -70,7 +77,14 @@ def sample(
         x = torch.randn((len(chunk), *image_shape), generator=generator).to(device) * scheduler.init_noise_sigma
         y = chunk.to(device)
         for t in scheduler.timesteps:
-            eps = model(scheduler.scale_model_input(x, t), t.to(device).expand(len(chunk)), class_labels=y).sample
+            x_in = scheduler.scale_model_input(x, t)
+            if guidance == 1.0:
+                eps = model(x_in, t.to(device).expand(len(chunk)), class_labels=y).sample
+            else:
+                both = model(torch.cat([x_in, x_in]), t.to(device).expand(2 * len(chunk)),
+                             class_labels=torch.cat([y, torch.full_like(y, null_label)])).sample
+                eps_y, eps_null = both.chunk(2)
+                eps = eps_null + guidance * (eps_y - eps_null)
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
             if progress is not None:
                 progress(1)

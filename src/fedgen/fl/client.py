@@ -50,6 +50,8 @@ class TrainSettings:
     bf16: bool
     seed: int
     keep_optimizer: bool = False  # carry Adam's state across rounds (the centralized baseline)
+    label_dropout: float = 0.0  # share of labels replaced by `null_label` (classifier-free guidance)
+    null_label: int = -1
 
 
 def _clone_state(model: nn.Module) -> State:
@@ -91,7 +93,11 @@ class DiffusionClient:
                 x0 = self.data.images[idx]
                 if settings.hflip:
                     x0 = random_hflip(x0, gen)
-                x0, y = x0.to(self.device), self.data.labels[idx].to(self.device)
+                y = self.data.labels[idx]
+                if settings.label_dropout > 0:
+                    drop = torch.rand(len(y), generator=gen) < settings.label_dropout
+                    y = torch.where(drop, settings.null_label, y)
+                x0, y = x0.to(self.device), y.to(self.device)
                 loss = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16)
                 value = loss.item()
                 if not math.isfinite(value):

@@ -44,7 +44,8 @@ def new_model(cfg: Config, image_shape: tuple[int, int, int], num_classes: int,
     """The U-Net, initialised from the run seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.train.seed, "init"))
-        return build_unet(cfg.model, image_shape, num_classes).to(device)
+        extra = 1 if cfg.train.label_dropout > 0 else 0  # the null label of classifier-free guidance
+        return build_unet(cfg.model, image_shape, num_classes + extra).to(device)
 
 
 @dataclass
@@ -88,4 +89,5 @@ class Experiment:
         t = self.cfg.train
         return TrainSettings(epochs=self.cfg.fl.local_epochs, batch_size=t.batch_size, lr=t.lr,
                              hflip=self.cfg.data.hflip, bf16=t.bf16, seed=t.seed,
+                             label_dropout=t.label_dropout, null_label=self.dataset.num_classes,
                              keep_optimizer=self.cfg.fl.centralized)

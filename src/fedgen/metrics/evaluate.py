@@ -21,6 +21,7 @@ from fedgen.diffusion.sampling import sample
 from fedgen.metrics.features import Extractor, cache_dir, domain_extractor
 from fedgen.metrics.generative import generative_metrics
 from fedgen.metrics.tstr import tstr_accuracy
+from fedgen.models.unet import null_label
 
 
 def labels_like(labels: np.ndarray, n: int, num_classes: int) -> torch.Tensor:
@@ -50,11 +51,11 @@ class Generated:
     seconds: float
 
 
-def generate(model, cfg: Config, labels: torch.Tensor, image_shape, ev: EvalConfig, seed: int,
+def generate(model, cfg: Config, labels: torch.Tensor, image_shape, ev: EvalConfig, seed: int, num_classes: int,
              progress=None) -> Generated:
     t0 = time.perf_counter()
     x = sample(model, cfg.diffusion, labels, image_shape, seed=seed, sampler=ev.sampler, steps=ev.steps,
-               progress=progress)
+               null_label=null_label(model, num_classes), progress=progress)
     return Generated(x, labels, time.perf_counter() - t0)
 
 
@@ -78,8 +79,10 @@ def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed
     else:
         log("no Inception weights given (--inception-weights or FEDGEN_INCEPTION_WEIGHTS): domain metrics only")
     n = ev.samples or len(ds.test.labels)
-    fake = generate(model, cfg, labels_like(ds.test.labels, n, ds.num_classes), ds.image_shape, ev, seed, progress)
+    fake = generate(model, cfg, labels_like(ds.test.labels, n, ds.num_classes), ds.image_shape, ev, seed,
+                    ds.num_classes, progress)
     record: dict = {"sampler": ev.sampler, "steps": ev.steps or cfg.diffusion.timesteps, "generated": n,
+                    "guidance": cfg.diffusion.guidance,
                     "sampling_s": round(fake.seconds, 2),
                     "domain_classifier_real_test_accuracy": info["real_test_accuracy"]}
     for ex in extractors:
@@ -90,7 +93,7 @@ def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed
     if ev.tstr:
         m = ev.tstr_samples or len(ds.train.labels)
         syn = generate(model, cfg, labels_like(ds.train.labels, m, ds.num_classes), ds.image_shape, ev, seed + 1,
-                       progress)
+                       ds.num_classes, progress)
         record["tstr_accuracy"] = tstr_accuracy(syn.images, syn.labels, to_tensor(ds.test.images),
                                                 torch.from_numpy(ds.test.labels), ds.num_classes,
                                                 epochs=ev.classifier_epochs, seed=cfg.train.seed, device=device)

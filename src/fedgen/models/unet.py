@@ -34,6 +34,11 @@ def unet_shape(cfg: ModelConfig) -> UNetShape:
     return UNetShape(tuple(cfg.block_out_channels), cfg.layers_per_block, tuple(cfg.attention_levels or ()))
 
 
+def null_label(model: UNet2DModel, num_classes: int) -> int | None:
+    """The null class of a model trained with label dropout (classifier-free guidance), else None."""
+    return num_classes if model.config.num_class_embeds == num_classes + 1 else None
+
+
 def build_unet(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> UNet2DModel:
     """U-Net for images of `image_shape` (C, H, W), conditioned on a class label in [0, num_classes)."""
     shape = unet_shape(cfg)

@@ -48,17 +48,20 @@ def grid_labels(num_classes: int, per_class: int) -> np.ndarray:
 
 def sample_grid(model, diffusion_cfg, classes: list[str], image_shape: tuple[int, int, int], per_class: int,
                 path: Path, *, seed: int = 0, sampler: str = "ddpm", steps: int | None = None,
-                sigma: str | None = None, with_palette: bool = False, progress=None) -> None:
+                sigma: str | None = None, guidance: float | None = None, with_palette: bool = False,
+                progress=None) -> None:
     """Sample `per_class` images of every class from `model` and write them as a grid, optionally with the
     k-means palette of the samples' pixels drawn above it (the paper's Fig. 4/5 for personalised models)."""
     import torch
 
     from fedgen.data.transforms import to_uint8
     from fedgen.diffusion.sampling import sample
+    from fedgen.models.unet import null_label
 
     labels = grid_labels(len(classes), per_class)
     x = sample(model, diffusion_cfg, torch.from_numpy(labels), image_shape, seed=seed, sampler=sampler,
-               steps=steps, sigma=sigma, progress=progress)
+               steps=steps, sigma=sigma, guidance=guidance, null_label=null_label(model, len(classes)),
+               progress=progress)
     images = to_uint8(x)
     header = None
     if with_palette:
