@@ -39,11 +39,15 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, hflip: bool = False,
                      device: torch.device | str = "cpu", on_epoch=None) -> EvalCNN:
     """Train an EvalCNN on float images in [-1, 1] (Adam, one-cycle LR); deterministic for a seed on CPU."""
+    with torch.random.fork_rng(devices=[]):  # init and dropout masks from `seed`, whatever ran before
+        torch.manual_seed(seed)
+        return _train(images, labels, num_classes, epochs, batch_size, lr, seed, hflip, device, on_epoch)
+
+
+def _train(images, labels, num_classes, epochs, batch_size, lr, seed, hflip, device, on_epoch) -> EvalCNN:
     from fedgen.data.transforms import random_hflip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = EvalCNN(images.shape[1], num_classes).to(device)
+    model = EvalCNN(images.shape[1], num_classes).to(device)
     gen = generator(seed, "classifier")
     steps = epochs * -(-len(labels) // batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
