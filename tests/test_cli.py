@@ -99,3 +99,27 @@ def test_failed_start_leaves_no_run_behind(tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "--preset", "smoke", "--set", "data.dataset=mnist", "--out", "r"])
     assert result.exit_code == 1
     assert not (tmp_path / "r" / "config.toml").exists()  # fixing the config and rerunning is not "a change"
+
+
+def test_evaluate_prints_named_metrics_and_appends_them(trained, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["evaluate", str(trained), "--n", "100", "--sampler", "dpm-solver", "--steps", "5",
+                                 "--tstr", "--tstr-samples", "200"])
+    assert result.exit_code == 0, result.output
+    assert "domain metrics only" in result.output  # no Inception weights given
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "evaluate" and record["model"] == "global" and record["generated"] == 100
+    for key in ("fid_domain_train", "fid_domain_test", "kid_domain_test", "is_domain", "precision_domain_test",
+                "recall_domain_test", "tstr_accuracy", "real_train_real_test_accuracy"):
+        assert key in record and key in result.output
+    assert not any("inception" in k for k in record if k.startswith(("fid", "is", "kid")))
+    assert record["fid_domain_test"] > 0 and 0 <= record["tstr_accuracy"] <= 1
+    assert record["real_train_real_test_accuracy"] > 0.8
+    cid = int(sorted((trained / "clients").glob("*.safetensors"))[0].stem.split("_")[1])
+    client = runner.invoke(app, ["evaluate", str(trained), "--client", str(cid), "--n", "50", "--steps", "3"])
+    assert client.exit_code == 0, client.output
+    assert json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])["model"] == f"client {cid}"
+    bad = runner.invoke(app, ["evaluate", str(trained), "--inception-weights", str(tmp_path / "none.pth")])
+    assert bad.exit_code == 1 and "not found" in bad.output
