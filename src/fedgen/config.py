@@ -158,7 +158,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
         },
         "fmnist-quick": {
             "description": "the default job: real Fashion-MNIST, 10 Dirichlet(0.5) clients, small U-Net, "
-            "~12 min on 2 CPU cores",
+            "~11 min on 2 CPU cores",
             "data": {"dataset": "fashion-mnist", "beta": 0.5, "max_train_samples": 10000},
             "model": {"arch": "cpu-small"},
             "diffusion": {"timesteps": 200, "schedule": "linear"},
