@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import device_name
 
 from fedgen.data.prepare import load_reference
 from fedgen.diffusion.sampling import sample
@@ -23,8 +24,8 @@ from fedgen.metrics.features import domain_extractor
 from fedgen.metrics.generative import fid
 from fedgen.runtime.models import load_run_model
 
-GRID = [("ddpm", None), ("ddpm", 100), ("ddpm", 50), ("ddim", 50), ("ddim", 20), ("ddim", 10),
-        ("dpm-solver", 25), ("dpm-solver", 10), ("dpm-solver", 5)]
+GRID = [("ddpm", None), ("ddpm", 100), ("ddpm", 50), ("ddpm", 25), ("ddim", 50), ("ddim", 25), ("ddim", 10),
+        ("dpm-solver", 50), ("dpm-solver", 25), ("dpm-solver", 10), ("dpm-solver", 5)]
 
 
 def main() -> None:
@@ -36,7 +37,8 @@ def main() -> None:
     loaded = load_run_model(args.run)
     cfg = loaded.cfg
     ds = load_reference(cfg.data, cfg.train.seed)
-    extractor, info = domain_extractor(ds, epochs=cfg.eval.classifier_epochs)
+    device = next(loaded.model.parameters()).device
+    extractor, info = domain_extractor(ds, device=device, epochs=cfg.eval.classifier_epochs)
     real, _ = real_features(extractor, info["cache_key"], "test", ds.test.images)
     labels = labels_like(ds.test.labels, args.n, ds.num_classes)
     rows = []
@@ -55,8 +57,8 @@ def main() -> None:
         print(f"{r['sampler']:<11} {r['nfe']:>4} {r['fid_domain_test']:>16.3f} {r['seconds']:>8.1f} "
               f"{r['images_per_s']:>7.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"run": str(args.run), "round": loaded.round, "n": args.n, "device": str(next(loaded.model.parameters())
-            .device), "threads": torch.get_num_threads(), "domain_classifier_real_test_accuracy":
+    meta = {"run": str(args.run), "round": loaded.round, "n": args.n, "device": device_name(device),
+            "threads": torch.get_num_threads(), "domain_classifier_real_test_accuracy":
             info["real_test_accuracy"], "note": "domain FID: features of fedgen's EvalCNN, not Inception"}
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {args.out}")

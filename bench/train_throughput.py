@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import device_name
 
 from fedgen.config import DiffusionConfig, ModelConfig
 from fedgen.diffusion.loss import diffusion_loss
@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     rows = [bench_case(*case, device, args.repeats, args.steps) for case in CASES]
-    print(f"training throughput on {device} ({torch.get_num_threads()} threads, torch {torch.__version__})")
+    print(f"training throughput on {device_name(device)} (torch {torch.__version__})")
     head = ("arch", "input", "batch", "bf16", "params", "median img/s", "min", "max")
     print("{:<10} {:<9} {:>5} {:>5} {:>8} {:>13} {:>7} {:>7}".format(*head))
     for r in rows:
@@ -83,8 +83,7 @@ def main() -> None:
               f"{r['params'] / 1e6:>7.2f}M {r['median_img_per_s']:>13.1f} {r['min_img_per_s']:>7.1f} "
               f"{r['max_img_per_s']:>7.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine()}
+    meta = {"device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {args.out}")
 

@@ -68,7 +68,7 @@ def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed
     """All metrics of `model` (a class-conditional eps U-Net) against the real splits of `ds`."""
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    extractor, info = domain_extractor(ds, device=device, epochs=ev.classifier_epochs, seed=cfg.train.seed, log=log)
+    extractor, info = domain_extractor(ds, device=device, epochs=ev.classifier_epochs, log=log)
     key = info["cache_key"]
     extractors = [extractor]
     weights = inception_weights_path(ev)
@@ -96,7 +96,7 @@ def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed
                        ds.num_classes, progress)
         record["tstr_accuracy"] = tstr_accuracy(syn.images, syn.labels, to_tensor(ds.test.images),
                                                 torch.from_numpy(ds.test.labels), ds.num_classes,
-                                                epochs=ev.classifier_epochs, seed=cfg.train.seed, device=device)
+                                                epochs=ev.classifier_epochs, seed=info["seed"], device=device)
         record["tstr_generated"] = m
         record["real_train_real_test_accuracy"] = info["real_test_accuracy"]  # same CNN and recipe, real data
     record["time_s"] = round(time.perf_counter() - t0, 2)

@@ -77,17 +77,21 @@ class _DomainHead(nn.Module):
         return f, self.cnn.head(f)
 
 
-def _domain_key(ds: ImageDataset) -> str:
+def _domain_key(ds: ImageDataset, epochs: int, seed: int) -> str:
     c, h, w = ds.image_shape
     digest = hashlib.sha256(ds.train.labels.tobytes() + ds.train.images[:: max(1, len(ds.train.labels) // 64)]
                             .tobytes()).hexdigest()[:12]
-    return f"domain-{ds.name}-{c}x{h}x{w}-{digest}"
+    return f"domain-{ds.name}-{c}x{h}x{w}-{digest}-e{epochs}-s{seed}"
 
 
 def domain_extractor(ds: ImageDataset, *, device: torch.device | str = "cpu", epochs: int = DOMAIN_EPOCHS,
                      seed: int = 0, log=print) -> tuple[Extractor, dict]:
-    """The dataset's domain classifier, trained once on the real training split and cached on disk."""
-    key = _domain_key(ds)
+    """The dataset's domain classifier, trained once on the real training split and cached on disk.
+
+    It is a function of the dataset and (epochs, seed) alone, never of the run being evaluated, so domain metrics
+    of different runs (other seeds, other configs) are computed with the same features and compare.
+    """
+    key = _domain_key(ds, epochs, seed)
     weights, info_path = cache_dir() / f"{key}.safetensors", cache_dir() / f"{key}.json"
     c = ds.image_shape[0]
     cnn = EvalCNN(c, ds.num_classes)
