@@ -97,3 +97,14 @@ def test_classifier_free_guidance_combines_conditional_and_null():
     assert not torch.equal(plain, guided)
     with pytest.raises(ValueError, match="needs a model trained with train.label_dropout"):
         sample(model, cfg, labels, (1, 2, 2), guidance=2.0)
+
+
+def test_progress_counts_image_evaluations():
+    from fedgen.diffusion.sampling import resolve_steps
+
+    cfg = DiffusionConfig(timesteps=20)
+    seen = []
+    sample(ExactEps(cfg, PROTOS), cfg, LABELS, (1, 8, 8), sampler="ddim", steps=5, batch_size=4, progress=seen.append)
+    assert seen == [4] * 5 + [2] * 5  # a batch of 4, then the last 2 labels, 5 evaluations each
+    assert sum(seen) == len(LABELS) * resolve_steps(cfg, "ddim", 5)
+    assert resolve_steps(cfg, "ddpm", None) == 20 and resolve_steps(cfg, "dpm-solver", None) == 50

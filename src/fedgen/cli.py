@@ -12,6 +12,7 @@ from rich.table import Table
 
 from fedgen import config as config_mod
 from fedgen.config import ConfigError
+from fedgen.report.progress import progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated training of generative image models across data silos.")
@@ -110,9 +111,10 @@ def sample(
     try:
         loaded = load_run_model(run, client=client)
         per_class = math.ceil(n / len(loaded.classes))
-        sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, per_class, out,
-                    seed=seed, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance,
-                    with_palette=client is not None)
+        with progress_bar(console) as progress:
+            sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, per_class, out,
+                        seed=seed, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance,
+                        with_palette=client is not None, progress=progress)
     except (RunDirError, ConfigError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"{per_class * len(loaded.classes)} samples ({per_class} per class) from {loaded.source}: {out}")
@@ -152,8 +154,9 @@ def evaluate(
         if guidance is not None:
             loaded.cfg.diffusion.guidance = guidance
         ds = load_reference(loaded.cfg.data, loaded.cfg.train.seed)
-        record = evaluate_model(loaded.model, loaded.cfg, ds, ev, seed=seed,
-                                log=lambda m: console.print(m, highlight=False))
+        with progress_bar(console) as progress:
+            record = evaluate_model(loaded.model, loaded.cfg, ds, ev, seed=seed,
+                                    log=lambda m: console.print(m, highlight=False), progress=progress)
     except (RunDirError, ConfigError, DatasetError, InceptionWeightsError, ValueError) as exc:
         _fail(str(exc))
     record = {"event": "evaluate", "round": loaded.round, "model": "global" if client is None else f"client {client}",

@@ -36,6 +36,11 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm", sigma: str | Non
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
+def resolve_steps(cfg: DiffusionConfig, sampler: str, steps: int | None) -> int:
+    """Network evaluations per image: `steps`, else T for the ancestral sampler and 50 for the fast ones."""
+    return steps or (cfg.timesteps if sampler == "ddpm" else 50)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -55,7 +60,8 @@ def sample(
     """Draw one image per label, in [-1, 1] (clamped at the end only), shape (N, C, H, W).
 
     Starts from x_T ~ N(0, I). `steps` network evaluations per image (default: T for ddpm, 50 otherwise).
-    `progress`, if given, is called with 1 after each network evaluation of a batch.
+    `progress`, if given, is called with the batch size after each network evaluation of a batch (so the total
+    is `len(labels) * resolve_steps(...)`).
     Classifier-free guidance (w = `guidance`, default the config's) uses eps_null + w (eps_y - eps_null), with
     `null_label` the class the model was trained on for dropped labels; w = 1 is the plain conditional model.
     """
@@ -64,7 +70,7 @@ def sample(
         raise ValueError("classifier-free guidance needs a model trained with train.label_dropout > 0")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
+    steps = resolve_steps(cfg, sampler, steps)
     if not 1 <= steps <= cfg.timesteps:
         raise ValueError(f"steps must be in [1, T={cfg.timesteps}], got {steps}")
     model.eval()
@@ -87,6 +93,6 @@ def sample(
                 eps = eps_null + guidance * (eps_y - eps_null)
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
             if progress is not None:
-                progress(1)
+                progress(len(chunk))
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)

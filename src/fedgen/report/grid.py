@@ -55,13 +55,16 @@ def sample_grid(model, diffusion_cfg, classes: list[str], image_shape: tuple[int
     import torch
 
     from fedgen.data.transforms import to_uint8
-    from fedgen.diffusion.sampling import sample
+    from fedgen.diffusion.sampling import resolve_steps, sample
     from fedgen.models.unet import null_label
+    from fedgen.report.progress import task
 
     labels = grid_labels(len(classes), per_class)
-    x = sample(model, diffusion_cfg, torch.from_numpy(labels), image_shape, seed=seed, sampler=sampler,
-               steps=steps, sigma=sigma, guidance=guidance, null_label=null_label(model, len(classes)),
-               progress=progress)
+    total = len(labels) * resolve_steps(diffusion_cfg, sampler, steps)
+    with task(progress, f"sampling {len(labels)} (grid)", total) as advance:
+        x = sample(model, diffusion_cfg, torch.from_numpy(labels), image_shape, seed=seed, sampler=sampler,
+                   steps=steps, sigma=sigma, guidance=guidance, null_label=null_label(model, len(classes)),
+                   progress=advance)
     images = to_uint8(x)
     header = None
     if with_palette:

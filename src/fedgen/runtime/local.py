@@ -7,14 +7,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from fedgen import config as config_mod
 from fedgen.config import Config
@@ -24,15 +17,11 @@ from fedgen.fl.experiment import Experiment, resolve_device
 from fedgen.fl.rundir import Checkpoint, RunDir
 from fedgen.fl.server import FedAvgServer
 from fedgen.report.grid import sample_grid
+from fedgen.report.progress import progress_bar
 
 
 class TrainingAborted(RuntimeError):
     """A round failed; the run directory still holds the last good checkpoint."""
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
 
 
 def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
@@ -72,7 +61,7 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
 
     server = FedAvgServer(len(exp.clients), exp.per_round, cfg.train.seed, state)
     settings = exp.train_settings()
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         rounds_task = progress.add_task("rounds", total=rounds, completed=start)
         for r in range(start, rounds):
             t0 = time.perf_counter()
@@ -109,11 +98,12 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
             }
             last_round = r + 1 == rounds
             if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):
-                _write_samples(exp, state, run.samples / f"round_{r + 1:04d}.png", console)
+                _write_samples(exp, state, run.samples / f"round_{r + 1:04d}.png", console, progress)
             record["time_s"] = round(time.perf_counter() - t0, 3)
             run.log(record)
             if cfg.eval.every and ((r + 1) % cfg.eval.every == 0 or last_round):
-                run.log({"event": "evaluate", "round": r + 1, "model": "global", **_evaluate(exp, state, console)})
+                evaluation = _evaluate(exp, state, console, progress)
+                run.log({"event": "evaluate", "round": r + 1, "model": "global", **evaluation})
             run.save_checkpoint(Checkpoint(r + 1, state, optimizer_state, meta),
                                 {c: res.state for c, res in results.items()}, keep=cfg.log.keep_checkpoints)
             progress.advance(rounds_task)
@@ -141,23 +131,23 @@ def _global_losses(exp: Experiment, state, selected: list[int]) -> dict:
             "global_test_loss": test}
 
 
-def _evaluate(exp: Experiment, state, console: Console) -> dict:
+def _evaluate(exp: Experiment, state, console: Console, progress: Progress) -> dict:
     from fedgen.metrics.evaluate import evaluate_model
 
     exp.model.load_state_dict(state)
     record = evaluate_model(exp.model, exp.cfg, exp.reference, exp.cfg.eval, seed=exp.cfg.train.seed,
-                            log=lambda m: console.print(m, highlight=False))
+                            log=lambda m: console.print(m, highlight=False), progress=progress)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("fid_", "is_", "tstr_acc"))
                       and not k.endswith("_std"))
     console.print(f"evaluation: {shown}")
     return record
 
 
-def _write_samples(exp: Experiment, state, path: Path, console: Console) -> None:
+def _write_samples(exp: Experiment, state, path: Path, console: Console, progress: Progress | None = None) -> None:
     exp.model.load_state_dict(state)
     t0 = time.perf_counter()
     sample_grid(exp.model, exp.cfg.diffusion, exp.dataset.classes, exp.dataset.image_shape,
-                exp.cfg.log.samples_per_class, path, seed=exp.cfg.train.seed)
+                exp.cfg.log.samples_per_class, path, seed=exp.cfg.train.seed, progress=progress)
     console.print(f"samples: {path} ({time.perf_counter() - t0:.1f}s)")
 
 
