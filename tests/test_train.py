@@ -161,3 +161,15 @@ def test_label_dropout_trains_a_null_class_for_guidance(tmp_path):
     sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, 2, tmp_path / "g.png",
                 guidance=2.0)
     assert (tmp_path / "g.png").exists()
+
+
+def test_training_evaluates_every_k_rounds(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ev"
+    train(C.load("smoke", overrides=["fl.rounds=3", "eval.every=2", "eval.samples=40", "eval.steps=3",
+                                     "eval.classifier_epochs=2"]), out, QUIET)
+    evaluations = [r for r in RunDir(out).read_metrics() if r["event"] == "evaluate"]
+    assert [r["round"] for r in evaluations] == [2, 3]  # every 2 rounds, and always after the last
+    for r in evaluations:
+        assert r["model"] == "global" and r["generated"] == 40 and r["sampler"] == "ddpm" and r["steps"] == 3
+        assert r["fid_domain_test"] > 0 and "is_domain" in r
