@@ -1,4 +1,4 @@
-"""Progress bars for long work (training rounds, sampling, classifier training), on a rich console."""
+"""Progress bars for long work (training rounds, client steps, sampling), on a rich console."""
 
 from __future__ import annotations
 
