@@ -17,7 +17,7 @@ from fedgen.fl.experiment import Experiment, resolve_device
 from fedgen.fl.rundir import Checkpoint, RunDir
 from fedgen.fl.server import FedAvgServer
 from fedgen.report.grid import sample_grid
-from fedgen.report.progress import progress_bar
+from fedgen.report.progress import progress_bar, task
 
 
 class TrainingAborted(RuntimeError):
@@ -66,25 +66,23 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
         for r in range(start, rounds):
             t0 = time.perf_counter()
             selected = server.select(r)
-            clients_task = progress.add_task(f"round {r + 1}: clients", total=len(selected))
             results: dict[int, FitResult] = {}
-            for cid in selected:
-                client = exp.clients[cid]
-                steps = settings.epochs * -(-len(client.data) // settings.batch_size)
-                step_task = progress.add_task(f"client {cid}: steps", total=steps)
-                try:
-                    results[cid] = client.fit(server.global_state, r, settings, optimizer_state,
-                                              on_step=lambda t=step_task: progress.advance(t))
-                except NonFiniteLossError as exc:
-                    last = run.committed_rounds()
-                    where = f"round {last[-1]}" if last else "none yet (no round completed)"
-                    raise TrainingAborted(
-                        f"round {r + 1} aborted: {exc}. Nothing was written for this round; the last good "
-                        f"checkpoint in {run.checkpoints} is {where}. Lower train.lr or check the data."
-                    ) from None
-                progress.remove_task(step_task)
-                progress.advance(clients_task)
-            progress.remove_task(clients_task)
+            with task(progress, f"round {r + 1}: clients", len(selected)) as client_done:
+                for cid in selected:
+                    client = exp.clients[cid]
+                    steps = settings.epochs * -(-len(client.data) // settings.batch_size)
+                    with task(progress, f"client {cid}: steps", steps) as step_done:
+                        try:
+                            results[cid] = client.fit(server.global_state, r, settings, optimizer_state,
+                                                      on_step=step_done)
+                        except NonFiniteLossError as exc:
+                            last = run.committed_rounds()
+                            where = f"round {last[-1]}" if last else "none yet (no round completed)"
+                            raise TrainingAborted(
+                                f"round {r + 1} aborted: {exc}. Nothing was written for this round; the last good "
+                                f"checkpoint in {run.checkpoints} is {where}. Lower train.lr or check the data."
+                            ) from None
+                    client_done()
             state = server.aggregate(results)
             optimizer_state = results[selected[0]].optimizer_state
             train_time = time.perf_counter() - t0
