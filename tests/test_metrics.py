@@ -153,3 +153,11 @@ def test_inception_weights_hash_refused_and_accepted(random_inception_weights):
     assert feats.shape == (2, 2048) and logits.shape == (2, 1008)
     assert seen[0].dtype == torch.uint8 and seen[0].shape == (2, 3, 16, 16)
     assert seen[0].min().item() == 0 and seen[0].max().item() == 255
+
+
+def test_domain_classifier_cache_is_keyed_by_recipe(digits_domain):
+    ds, _, info = digits_domain  # its 6-epoch classifier is in the cache this uses
+    trained = []
+    _, other = domain_extractor(ds, epochs=1, log=trained.append)
+    assert trained and other["cache_key"] != info["cache_key"]  # other epochs: trained anew, not the cached one
+    assert other["epochs"] == 1 and other["seed"] == 0  # the seed is the recipe's, never a run's
