@@ -1,6 +1,9 @@
 """Samplers against an exact noise predictor: data = one fixed image per class, so eps is known in closed form
 and every correct sampler must land on the class's image."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -107,4 +110,138 @@ def test_progress_counts_image_evaluations():
     sample(ExactEps(cfg, PROTOS), cfg, LABELS, (1, 8, 8), sampler="ddim", steps=5, batch_size=4, progress=seen.append)
     assert seen == [4] * 5 + [2] * 5  # a batch of 4, then the last 2 labels, 5 evaluations each
     assert sum(seen) == len(LABELS) * resolve_steps(cfg, "ddim", 5)
-    assert resolve_steps(cfg, "ddpm", None) == 20 and resolve_steps(cfg, "dpm-solver", None) == 50
+    assert resolve_steps(cfg, "ddpm", None) == 20 and resolve_steps(cfg, "dpm-solver", None) == 20  # min(50, T)
+    assert resolve_steps(DiffusionConfig(timesteps=200), "ddim", None) == 50
+
+
+# --- distribution-level tests --------------------------------------------------------------------------------
+# Data x0 ~ N(MU, S^2) per pixel has the closed-form optimal predictor eps*(x_t) = E[eps | x_t]; every sampler step
+# is then affine in x_t plus Gaussian noise, so the exact law of the output, N(m, v), follows from the paper's
+# formulas by a recursion written here independently of diffusers. The samplers' empirical mean and variance must
+# match it within 5 standard errors of n independent pixels. MU and S keep the final clamp to [-1, 1] out of play.
+
+MU, S = 0.1, 0.2
+N_PIXELS = 400 * 16 * 16
+
+
+class GaussianEps(torch.nn.Module):
+    def __init__(self, cfg: DiffusionConfig):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.alpha_bar = alpha_bars(cfg.schedule, cfg.timesteps)
+
+    def forward(self, x, t, class_labels):
+        ab = self.alpha_bar[t].view(-1, 1, 1, 1)
+        eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * MU) / (ab * S**2 + 1 - ab)
+        return type("Out", (), {"sample": eps.float()})
+
+
+def exact_output_law(cfg: DiffusionConfig, timesteps: list[int], kind: str) -> tuple[float, float]:
+    """Mean and variance of the sampler's output for Gaussian data: x_T ~ N(0, 1), then per step from t to the next
+    timestep s (alpha_bar_s = 1 after the last): eq. (3) on the respaced chain (alpha_t := abar_t / abar_s), with
+    sigma^2 = beta_t or beta~_t and no noise on the last step ('beta', 'beta-tilde'), or DDIM's deterministic
+    x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat ('ddim')."""
+    ab = alpha_bars(cfg.schedule, cfg.timesteps).tolist()
+    m, v = 0.0, 1.0
+    for i, t in enumerate(timesteps):
+        a, a_prev = ab[t], (ab[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0)
+        k = math.sqrt(1 - a) / (a * S**2 + 1 - a)  # eps_hat = k x - k sqrt(a) MU
+        e1, e0 = k, -k * math.sqrt(a) * MU
+        x1, x0 = (1 - math.sqrt(1 - a) * e1) / math.sqrt(a), -math.sqrt(1 - a) * e0 / math.sqrt(a)  # x0_hat
+        if kind == "ddim":
+            gain, shift, noise = (math.sqrt(a_prev) * x1 + math.sqrt(1 - a_prev) * e1,
+                                  math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * e0, 0.0)
+        else:
+            beta = 1 - a / a_prev
+            c_x0, c_xt = math.sqrt(a_prev) * beta / (1 - a), math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+            gain, shift = c_x0 * x1 + c_xt, c_x0 * x0
+            last = i + 1 == len(timesteps)
+            noise = 0.0 if last else (beta if kind == "beta" else (1 - a_prev) / (1 - a) * beta)
+        m, v = gain * m + shift, gain * gain * v + noise
+    return m, v
+
+
+def trailing(T: int, k: int) -> list[int]:
+    """t_i = round(T (k - i) / k) - 1, rounding halves up, in exact rational arithmetic."""
+    return [math.floor(Fraction(T * (k - i), k) + Fraction(1, 2)) - 1 for i in range(k)]
+
+
+def _assert_law(x: torch.Tensor, m: float, v: float):
+    x = x.double().flatten()
+    n = len(x)
+    assert n == N_PIXELS
+    se_mean, se_var = math.sqrt(v / n), v * math.sqrt(2 / (n - 1))
+    assert abs(x.mean().item() - m) < 5 * se_mean, (x.mean().item(), m, se_mean)
+    assert abs(x.var().item() - v) < 5 * se_var, (x.var().item(), v, se_var)
+
+
+@pytest.mark.parametrize(("T", "schedule", "k"), [(100, "linear", 100), (100, "linear", 30), (200, "linear", 101),
+                                                  (300, "cosine", 200), (200, "linear", 7)])
+@pytest.mark.parametrize("sigma", ["beta", "beta-tilde"])
+def test_ancestral_sampler_output_has_the_exact_law(T, schedule, k, sigma):
+    cfg = DiffusionConfig(timesteps=T, schedule=schedule, clip_x0=False)
+    x = sample(GaussianEps(cfg), cfg, torch.zeros(400, dtype=torch.long), (1, 16, 16), seed=1, sampler="ddpm",
+               steps=k, sigma=sigma, batch_size=400)
+    _assert_law(x, *exact_output_law(cfg, trailing(T, k), sigma))
+
+
+@pytest.mark.parametrize(("T", "k"), [(100, 100), (100, 30), (200, 7)])
+def test_ddim_output_has_the_exact_law(T, k):
+    cfg = DiffusionConfig(timesteps=T, schedule="linear", clip_x0=False)
+    x = sample(GaussianEps(cfg), cfg, torch.zeros(400, dtype=torch.long), (1, 16, 16), seed=1, sampler="ddim",
+               steps=k, batch_size=400)
+    _assert_law(x, *exact_output_law(cfg, trailing(T, k), "ddim"))
+
+
+def dpm_solver_2m_output_law(cfg: DiffusionConfig, timesteps: list[int]) -> tuple[float, float]:
+    """DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction) from x_T ~ N(0, 1): first-order first and last
+    steps, the last one onto sigma = 0. Deterministic, so x_out = A x_T + B: mean B, variance A^2. Each quantity is
+    tracked as (coefficient of x_T, constant)."""
+    ab = alpha_bars(cfg.schedule, cfg.timesteps).tolist()
+    x, prev_x0, prev_h = (1.0, 0.0), None, None
+    for i, t in enumerate(timesteps):
+        a = ab[t]
+        alpha_t, sigma_t = math.sqrt(a), math.sqrt(1 - a)
+        k = sigma_t / (a * S**2 + 1 - a)  # eps_hat = k x - k sqrt(a) MU; x0_hat = (x - sigma_t eps_hat) / alpha_t
+        x0 = ((1 - sigma_t * k) / alpha_t * x[0], ((1 - sigma_t * k) / alpha_t * x[1]) + sigma_t * k * MU)
+        if i + 1 == len(timesteps):  # onto sigma = 0: x_0 = x0_hat
+            return x0[1], x0[0] ** 2
+        a_s = ab[timesteps[i + 1]]
+        alpha_s, sigma_s = math.sqrt(a_s), math.sqrt(1 - a_s)
+        h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
+        if prev_x0 is None:
+            d = x0
+        else:
+            c = 1 / (2 * (prev_h / h))  # 1 / (2 r), r = h_prev / h
+            d = ((1 + c) * x0[0] - c * prev_x0[0], (1 + c) * x0[1] - c * prev_x0[1])
+        gain = -alpha_s * (math.exp(-h) - 1)
+        x = (sigma_s / sigma_t * x[0] + gain * d[0], sigma_s / sigma_t * x[1] + gain * d[1])
+        prev_x0, prev_h = x0, h
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(("T", "k"), [(100, 30), (1000, 50), (200, 20)])
+def test_dpm_solver_output_has_the_exact_law(T, k):
+    cfg = DiffusionConfig(timesteps=T, schedule="linear", clip_x0=False)
+    x = sample(GaussianEps(cfg), cfg, torch.zeros(400, dtype=torch.long), (1, 16, 16), seed=1, sampler="dpm-solver",
+               steps=k, batch_size=400)
+    _assert_law(x, *dpm_solver_2m_output_law(cfg, trailing(T, k)))
+
+
+def test_full_ancestral_chain_is_close_to_the_data_law():
+    """Sanity of the reference itself: all T = 1000 steps with sigma^2 = beta land within 1% of N(MU, S^2)."""
+    cfg = DiffusionConfig(timesteps=1000, schedule="linear", clip_x0=False)
+    m, v = exact_output_law(cfg, list(range(999, -1, -1)), "beta")
+    assert m == pytest.approx(MU, rel=1e-3) and v == pytest.approx(S**2, rel=0.01)
+
+
+@pytest.mark.parametrize("T", [200, 300])
+def test_respaced_timesteps_start_at_pure_noise_for_every_k(T):
+    from fedgen.diffusion.sampling import make_scheduler
+
+    for sampler in SAMPLERS:
+        for k in range(1, T + 1):
+            ts = make_scheduler(DiffusionConfig(timesteps=T), sampler, steps=k).timesteps.tolist()
+            assert len(ts) == k and ts[0] == T - 1, (sampler, k, ts[:3])
+            assert all(b < a for a, b in zip(ts, ts[1:], strict=False)), (sampler, k)
+            assert ts == trailing(T, k)

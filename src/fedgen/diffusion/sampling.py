@@ -2,7 +2,10 @@
 
 - `ddpm`: the ancestral sampler of eq. (3), sigma_t^2 = beta_t or beta~_t (all T steps unless `steps`
   respaces it);
-- `ddim`: deterministic DDIM (eta = 0);
+- `ddim`: deterministic DDIM (eta = 0), run as first-order DPM-Solver++, which is the same update
+  (x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat; Lu et al. 2022): diffusers' DDIMScheduler takes the
+  previous timestep as t - T // k, which is not the next timestep of its own trailing spacing when k does not
+  divide T;
 - `dpm-solver`: DPM-Solver++ (2nd-order multistep).
 All three run over the run's own betas, so a model trained once serves every sampler.
 """
@@ -10,35 +13,69 @@ All three run over the run's own betas, so a model trained once serves every sam
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 from fedgen.config import DiffusionConfig
-from fedgen.diffusion.schedule import betas, ddpm_scheduler
+from fedgen.errors import UsageError
+from fedgen.diffusion.schedule import betas, ddpm_scheduler, respaced_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+SIGMAS = ("beta", "beta-tilde")
 
 
-def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm", sigma: str | None = None):
+class SamplingError(UsageError):
+    """Sampling options that cannot be used together or with this model."""
+
+
+def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm", sigma: str | None = None, steps: int | None = None):
+    """A diffusers scheduler for `sampler` over the run's betas, its timesteps set to `steps` respaced ones
+    (`respaced_timesteps`: the first is always T - 1)."""
+    scheduler = _new_scheduler(cfg, sampler, sigma)
+    scheduler.set_timesteps(timesteps=respaced_timesteps(cfg.timesteps, resolve_steps(cfg, sampler, steps)))
+    return scheduler
+
+
+def _new_scheduler(cfg: DiffusionConfig, sampler: str, sigma: str | None):
     if sampler == "ddpm":
         return ddpm_scheduler(cfg, sigma)
+    if sampler not in SAMPLERS:
+        raise SamplingError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     trained = betas(cfg.schedule, cfg.timesteps).float().numpy()
-    if sampler == "ddim":
-        return DDIMScheduler(num_train_timesteps=cfg.timesteps, trained_betas=trained, clip_sample=cfg.clip_x0,
-                             set_alpha_to_one=True, timestep_spacing="trailing", prediction_type="epsilon")
-    if sampler == "dpm-solver":
-        return DPMSolverMultistepScheduler(num_train_timesteps=cfg.timesteps, trained_betas=trained,
-                                           algorithm_type="dpmsolver++", solver_order=2,
-                                           timestep_spacing="trailing", final_sigmas_type="zero",
+    return DPMSolverMultistepScheduler(num_train_timesteps=cfg.timesteps, trained_betas=trained,
+                                           algorithm_type="dpmsolver++", solver_order=1 if sampler == "ddim" else 2,
+                                           final_sigmas_type="zero",
                                            prediction_type="epsilon",
                                            # with sample_max_value 1, dynamic thresholding is a clip to [-1, 1]
                                            thresholding=cfg.clip_x0, sample_max_value=1.0)
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
 def resolve_steps(cfg: DiffusionConfig, sampler: str, steps: int | None) -> int:
     """Network evaluations per image: `steps`, else T for the ancestral sampler and 50 for the fast ones."""
-    return steps or (cfg.timesteps if sampler == "ddpm" else 50)
+    if steps is not None:
+        return steps
+    return cfg.timesteps if sampler == "ddpm" else min(50, cfg.timesteps)
+
+
+def check_options(cfg: DiffusionConfig, *, sampler: str = "ddpm", steps: int | None = None,
+                  sigma: str | None = None, guidance: float | None = None, null_label: int | None = None) -> int:
+    """Validate sampling options before any work starts; returns the network evaluations per image."""
+    if sampler not in SAMPLERS:
+        raise SamplingError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    resolved = resolve_steps(cfg, sampler, steps)
+    if not 1 <= resolved <= cfg.timesteps:
+        raise SamplingError(f"steps must be in [1, T={cfg.timesteps}], got {resolved}")
+    if sigma is not None:
+        if sampler != "ddpm":
+            raise SamplingError(f"--sigma sets the ancestral (ddpm) sampler's variance; sampler {sampler!r} has none")
+        if sigma not in SIGMAS:
+            raise SamplingError(f"unknown sigma {sigma!r}; expected one of {', '.join(SIGMAS)}")
+    guidance = cfg.guidance if guidance is None else guidance
+    if guidance < 0:
+        raise SamplingError(f"guidance must be >= 0, got {guidance}")
+    if guidance != 1.0 and null_label is None:
+        raise SamplingError("classifier-free guidance needs a model trained with train.label_dropout > 0")
+    return resolved
 
 
 @torch.no_grad()
@@ -65,21 +102,14 @@ def sample(
     Classifier-free guidance (w = `guidance`, default the config's) uses eps_null + w (eps_y - eps_null), with
     `null_label` the class the model was trained on for dropped labels; w = 1 is the plain conditional model.
     """
+    steps = check_options(cfg, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance, null_label=null_label)
     guidance = cfg.guidance if guidance is None else guidance
-    if guidance != 1.0 and null_label is None:
-        raise ValueError("classifier-free guidance needs a model trained with train.label_dropout > 0")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    steps = resolve_steps(cfg, sampler, steps)
-    if not 1 <= steps <= cfg.timesteps:
-        raise ValueError(f"steps must be in [1, T={cfg.timesteps}], got {steps}")
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for chunk in labels.split(batch_size):
-        scheduler = make_scheduler(cfg, sampler, sigma)
-        scheduler.set_timesteps(steps)
+        scheduler = make_scheduler(cfg, sampler, sigma, steps)
         x = torch.randn((len(chunk), *image_shape), generator=generator).to(device) * scheduler.init_noise_sigma
         y = chunk.to(device)
         for t in scheduler.timesteps:
