@@ -54,7 +54,7 @@ def main() -> None:
     device = resolve_device(args.device)
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
     base = config_mod.load("fmnist-quick")
-    ds = load_reference(base.data, base.train.seed)
+    ds = load_reference(base.data)
     extractor, info = domain_extractor(ds, device=device, epochs=base.eval.classifier_epochs)
     real, _ = real_features(extractor, info["cache_key"], "test", ds.test.images)
     labels = labels_like(ds.test.labels, args.n, ds.num_classes)

@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_run_model(args.run)
     cfg = loaded.cfg
-    ds = load_reference(cfg.data, cfg.train.seed)
+    ds = load_reference(cfg.data)
     device = next(loaded.model.parameters()).device
     extractor, info = domain_extractor(ds, device=device, epochs=cfg.eval.classifier_epochs)
     real, _ = real_features(extractor, info["cache_key"], "test", ds.test.images)

@@ -27,10 +27,74 @@ def test_presets_lists_every_preset():
     assert len(PRESETS) >= 30
 
 
-def test_train_prints_config_and_device(trained):
+@pytest.fixture(scope="module")
+def trained_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run2"
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(out), "--set", "fl.rounds=1"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_prints_config_and_device(trained, trained_output):
     assert (trained / "samples" / "final.png").exists()
+    text = " ".join(trained_output.split())
+    assert "on cpu (" in text and "CPU threads" in text  # the device it trains on
+    assert "config: preset smoke + --set fl.rounds=1" in text  # where the config came from
+    assert 'dataset = "digits"' in trained_output and "rounds = 1" in trained_output  # the resolved config itself
     again = runner.invoke(app, ["train", "--out", str(trained)])  # existing run: its own config, nothing to do
     assert again.exit_code == 0 and "nothing to train" in again.output
+    assert f"config: the config of {trained}" in " ".join(again.output.split())
+
+
+def test_config_file_without_preset_builds_on_the_default_job(tmp_path, monkeypatch):
+    from fedgen import config as C
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.toml").write_text("[fl]\nrounds = 3\n")
+    seen = {}
+    monkeypatch.setattr("fedgen.runtime.local.train", lambda cfg, out, console: seen.setdefault("cfg", cfg))
+    result = runner.invoke(app, ["train", "--config", "my.toml", "--out", "r"])
+    assert result.exit_code == 0, result.output
+    assert "config: preset fmnist-quick (the default job) + my.toml" in " ".join(result.output.split())
+    expected = C.load("fmnist-quick", overrides=["fl.rounds=3"])
+    assert seen["cfg"] == expected and seen["cfg"].train.batch_size == 32  # not the paper's 512
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only fedgen's own errors become one line; an unexpected exception is not disguised as bad input."""
+    def broken(cfg, out, console):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr("fedgen.runtime.local.train", broken)
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(tmp_path / "r")])
+    assert isinstance(result.exception, ValueError) and "error:" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sample", "RUN", "--steps", "0", "--out", "x.png"], "steps must be in [1, T=50], got 0"),
+        (["sample", "RUN", "--steps", "51", "--out", "x.png"], "steps must be in [1, T=50], got 51"),
+        (["sample", "RUN", "--sampler", "euler", "--out", "x.png"], "unknown sampler 'euler'"),
+        (["sample", "RUN", "--sampler", "ddim", "--sigma", "beta", "--out", "x.png"], "sampler 'ddim' has none"),
+        (["sample", "RUN", "--sigma", "big", "--out", "x.png"], "unknown sigma 'big'"),
+        (["sample", "RUN", "--guidance", "2", "--out", "x.png"], "needs a model trained with train.label_dropout"),
+        (["evaluate", "RUN", "--steps", "0"], "eval.steps: Input should be greater than or equal to 1"),
+        (["evaluate", "RUN", "--steps", "60"], "steps must be in [1, T=50], got 60"),
+        (["evaluate", "RUN", "--sampler", "euler"], "eval.sampler"),
+        (["evaluate", "RUN", "--n", "3"], "eval.samples"),
+        (["evaluate", "RUN", "--guidance", "3"], "needs a model trained with train.label_dropout"),
+        (["evaluate", "RUN", "--client", "99"], "no local model for client 99"),
+    ],
+)
+def test_sample_and_evaluate_validate_options_before_any_work(trained, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [str(trained) if a == "RUN" else a for a in args])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "x.png").exists()
+    assert not list((tmp_path / "cache").glob("*"))  # no classifier trained, no features computed
 
 
 def test_sample_one_row_per_class(trained, tmp_path):
@@ -49,12 +113,23 @@ def test_sample_client_model_and_sigma(trained, tmp_path):
     result = runner.invoke(app, ["sample", str(trained), "--client", str(cid), "--n", "10", "--sigma", "beta",
                                  "--out", str(tmp_path / "c.png")])
     assert result.exit_code == 0, result.output
-    assert f"client {cid}'s final local model" in result.output
+    assert f"client {cid}'s local model, last trained in round 1 of 1" in " ".join(result.output.split())
     grid = np.asarray(Image.open(tmp_path / "c.png"))
     assert grid.shape[0] == 28 + 2 + 10 * (56 + 2) + 2  # palette strip above one row per class
     missing = ({0, 1, 2, 3} - {int(c.split("_")[1]) for c in trained_clients}) or {99}
     bad = runner.invoke(app, ["sample", str(trained), "--client", str(missing.pop()), "--out", str(tmp_path / "x.png")])
     assert bad.exit_code == 1 and "no local model for client" in bad.output
+
+
+def test_partition_of_a_run_draws_its_own_split(trained, tmp_path):
+    import json
+
+    result = runner.invoke(app, ["partition", str(trained), "--out", str(tmp_path / "run.png")])
+    assert result.exit_code == 0, result.output
+    counts = json.loads((trained / "partition.json").read_text())["counts"]
+    rows = [line.split() for line in result.output.splitlines()[1:1 + len(counts)]]
+    assert [[int(v) for v in row[1:-1]] for row in rows] == counts
+    assert (tmp_path / "run.png").stat().st_size > 1000
 
 
 def test_partition_table_and_heatmap(tmp_path):

@@ -11,7 +11,7 @@ from fedgen.data.transforms import to_tensor
 from fedgen.metrics import generative as G
 from fedgen.metrics.evaluate import labels_like
 from fedgen.metrics.features import RangeError, check_signed_unit_range, domain_extractor
-from fedgen.metrics.inception import InceptionWeightsError, inception_extractor, sha256_of, to_inception_input
+from fedgen.metrics.inception import InceptionWeightsError, inception_extractor, to_inception_input
 from fedgen.metrics.tstr import tstr_accuracy
 
 
@@ -41,17 +41,42 @@ def test_fid_and_kid_are_zero_on_itself_and_grow_with_noise(digits_domain):
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(real.shape, generator=gen)
     half = len(real) // 2
-    fids, kids = [], []
+    fids = []
     for sigma in (0.0, 0.1, 0.3, 0.6, 1.0):
         feats, _ = extractor.features_and_logits((real + sigma * noise).clamp(-1, 1))
         fids.append(G.fid(ref, feats))
-        # KID is unbiased for independent samples: compare two disjoint halves of the test set
-        kids.append(G.kid(ref[:half], feats[half:], subsets=20, subset_size=half)[0])
     assert abs(fids[0]) < 1e-6
-    assert abs(kids[0]) < 0.1 * kids[-1]  # two halves of one set: zero up to sampling noise
     assert all(b > a for a, b in zip(fids, fids[1:], strict=False)), fids
-    # sigma=0.1 is below KID's resolution on 180 images; from 0.3 on it grows past the two-halves noise floor
-    assert max(kids[:2]) < kids[2] < kids[3] < kids[4], kids
+    assert G.kid(ref[:half], ref[:half], subsets=5, subset_size=half)[0] < 0  # unbiased: below 0 on itself
+
+
+def test_fid_equals_the_closed_form_for_gaussian_features():
+    """FID = |m1 - m2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of the two sets' means and covariances."""
+    from scipy import linalg
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(1500, 6, generator=gen, dtype=torch.float64) @ torch.diag(torch.tensor([1, 2, 0.5, 1, 1, 3.0],
+                                                                                           dtype=torch.float64)) + 0.7
+    m1, m2 = a.mean(0).numpy(), b.mean(0).numpy()
+    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    closed = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert G.fid(a, b) == pytest.approx(closed, rel=1e-6)
+
+
+def test_kid_is_unbiased_within_its_standard_error():
+    """KID over R independent pairs of Gaussian sets: mean 0 within 4 standard errors when both come from one law,
+    positive beyond 4 standard errors when one is shifted by half a standard deviation."""
+    gen = torch.Generator().manual_seed(0)
+    reps, n, d = 30, 300, 8
+
+    def kids(shift):
+        return np.array([G.kid(torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen) + shift,
+                               subsets=1, subset_size=n)[0] for _ in range(reps)])
+
+    same, shifted = kids(0.0), kids(0.5)
+    assert abs(same.mean()) < 4 * same.std(ddof=1) / np.sqrt(reps)
+    assert shifted.mean() > 4 * shifted.std(ddof=1) / np.sqrt(reps)
 
 
 def test_precision_recall_and_inception_score_bounds():
@@ -87,6 +112,30 @@ def test_tstr_on_real_data_matches_the_real_baseline(digits_domain):
     chance = tstr_accuracy(x, shuffled, to_tensor(ds.test.images), torch.from_numpy(ds.test.labels),
                            ds.num_classes, epochs=2)
     assert chance < 0.3
+
+
+def test_tstr_defaults_to_the_training_set_size_and_class_counts(digits_domain, monkeypatch):
+    from fedgen import config as C
+    from fedgen.metrics import evaluate as E
+
+    ds, _, _ = digits_domain
+    seen = []
+
+    def fake_generate(model, cfg, labels, image_shape, ev, seed, num_classes, progress=None, purpose=""):
+        seen.append(labels)
+        x = to_tensor(ds.train.images[:1]).expand(len(labels), -1, -1, -1)
+        return E.Generated(x, labels, 0.0)
+
+    monkeypatch.setattr(E, "generate", fake_generate)
+    model = torch.nn.Linear(1, 1)
+    cfg = C.load("smoke")
+    ev = cfg.eval.model_copy(update={"tstr": True, "classifier_epochs": 6})
+    record = E.evaluate_model(model, cfg, ds, ev, log=lambda m: None)
+    fid_labels, tstr_labels = seen
+    assert torch.bincount(fid_labels, minlength=10).tolist() == np.bincount(ds.test.labels, minlength=10).tolist()
+    assert torch.bincount(tstr_labels, minlength=10).tolist() == np.bincount(ds.train.labels, minlength=10).tolist()
+    assert record["tstr_generated"] == len(ds.train.labels) and record["generated"] == len(ds.test.labels)
+    assert record["domain_classifier"].startswith("domain-digits-1x8x8-") and record["sampler"] == "ddpm"
 
 
 def test_generated_labels_follow_the_real_class_counts():
@@ -144,7 +193,15 @@ def test_inception_weights_hash_refused_and_accepted(random_inception_weights):
         inception_extractor(random_inception_weights)
     with pytest.raises(InceptionWeightsError, match="not found"):
         inception_extractor(random_inception_weights.with_name("missing.pth"))
-    extractor = inception_extractor(random_inception_weights, expected_sha256=sha256_of(random_inception_weights))
+    # only the file whose full SHA-256 is the standard weights' digest is accepted (a matching 8-digit prefix is not)
+    from fedgen.metrics import inception as inception_mod
+
+    assert inception_mod.INCEPTION_SHA256 == "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+    with mock.patch.object(inception_mod, "sha256_of", return_value="6726825d" + "0" * 56), \
+            pytest.raises(InceptionWeightsError, match="does not match"):
+        inception_extractor(random_inception_weights)
+    with mock.patch.object(inception_mod, "sha256_of", return_value=inception_mod.INCEPTION_SHA256):
+        extractor = inception_extractor(random_inception_weights)
     assert extractor.name == "inception"
     seen = []
     extractor.module.net.register_forward_pre_hook(lambda m, args: seen.append(args[0]))

@@ -61,3 +61,14 @@ def test_json_round_trip_and_table(tmp_path):
 def test_impossible_requests(kwargs, message):
     with pytest.raises(PartitionError, match=message):
         partition_labels(LABELS, **kwargs)
+
+
+def test_no_client_is_left_empty_and_no_warning_leaks(recwarn):
+    """More clients than half the samples: the old minimum of len // (2N) = 0 let Dirichlet leave clients empty.
+    Now every client must get at least one sample, or the split is refused with a clear message."""
+    labels = np.repeat(np.arange(10), 30)
+    with pytest.raises(PartitionError, match="160 Dirichlet.*at least 1 samples each"):
+        partition_labels(labels, 160, beta=0.5, seed=0)
+    part = partition_labels(labels, 40, beta=5.0, seed=0)
+    assert part.sizes.min() >= 3 and part.sizes.sum() == 300  # min(10, 300 // 80)
+    assert not [w for w in recwarn if "flwr_datasets" in str(w.filename)]  # redraw warnings stay quiet

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -491,14 +490,11 @@ def test_rgb_to_gray_uses_pil_l(tmp_path):
 
 @pytest.mark.skipif(not FMNIST_SYSTEM.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist():
-    start = time.perf_counter()
     ds = load_dataset("fashion-mnist")
-    elapsed = time.perf_counter() - start
     assert ds.train.images.shape == (60000, 28, 28, 1) and ds.test.images.shape == (10000, 28, 28, 1)
     assert ds.image_shape == (1, 28, 28) and ds.num_classes == 10
     assert np.bincount(ds.train.labels).tolist() == [6000] * 10
     assert np.bincount(ds.test.labels).tolist() == [1000] * 10
-    assert elapsed < 10, f"loading took {elapsed:.1f} s"
 
 
 def test_image_folder_16bit_gray_is_rescaled(tmp_path):

@@ -173,3 +173,121 @@ def test_training_evaluates_every_k_rounds(tmp_path, monkeypatch):
     for r in evaluations:
         assert r["model"] == "global" and r["generated"] == 40 and r["sampler"] == "ddpm" and r["steps"] == 3
         assert r["fid_domain_test"] > 0 and "is_domain" in r
+
+
+def test_client_models_record_the_round_they_were_trained_in(tmp_path):
+    """With K of N clients per round, a client's local model can be older than the run's last round."""
+    out = tmp_path / "k1"
+    train(C.load("smoke", overrides=["fl.rounds=4", "fl.clients_per_round=1", "log.loss_eval_samples=8"]), out, QUIET)
+    run = RunDir(out)
+    rounds = [r for r in run.read_metrics() if r["event"] == "round"]
+    last_trained = {c: r["round"] for r in rounds for c in r["clients"]}
+    assert last_trained == {3: 1, 2: 2, 0: 4}  # seed 0 picks clients 3, 2, 0, 0
+    for cid, expected in last_trained.items():
+        assert run.load_client_model(cid)[1] == expected
+
+
+def test_server_weights_clients_by_dataset_size(smoke_run, monkeypatch):
+    """The global model after a round is sum_i |D_i| / sum_j |D_j| theta_i, not the uniform mean."""
+    from fedgen.fl import server as server_mod
+
+    cfg, _ = smoke_run
+    seen = {}
+    real = server_mod.FedAvgServer.aggregate
+
+    def spy(self, results):
+        seen["results"] = {c: (r.state, r.num_examples) for c, r in results.items()}
+        seen["out"] = real(self, results)
+        return seen["out"]
+
+    monkeypatch.setattr(server_mod.FedAvgServer, "aggregate", spy)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        train(C.load("smoke", overrides=["fl.rounds=1"]), d, QUIET)
+    sizes = [n for _, n in seen["results"].values()]
+    assert len(set(sizes)) > 1  # Dirichlet clients of different sizes
+    key = next(k for k, v in seen["out"].items() if v.is_floating_point())
+    weighted = sum(s[key].double() * n for s, n in seen["results"].values()) / sum(sizes)
+    uniform = sum(s[key].double() for s, _ in seen["results"].values()) / len(sizes)
+    torch.testing.assert_close(seen["out"][key].double(), weighted, rtol=0, atol=1e-6)
+    assert not torch.allclose(weighted, uniform, atol=1e-6)
+
+
+def test_centralized_runs_r_times_e_epochs(tmp_path, monkeypatch):
+    steps = []
+    real_fit = client_mod.DiffusionClient.fit
+
+    def counting(self, *args, **kwargs):
+        result = real_fit(self, *args, **kwargs)
+        steps.append((len(self.data), result.steps))
+        return result
+
+    monkeypatch.setattr(client_mod.DiffusionClient, "fit", counting)
+    cfg = C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=2", "fl.local_epochs=2"])
+    train(cfg, tmp_path / "cen", QUIET)
+    n = steps[0][0]
+    assert n == 1437  # all of digits' training split in one client
+    per_epoch = -(-n // cfg.train.batch_size)
+    assert [s for _, s in steps] == [2 * per_epoch] * 2  # R=2 rounds x E=2 epochs
+
+
+def test_evaluation_runs_after_the_checkpoint_and_a_failure_does_not_stop_training(tmp_path, monkeypatch):
+    from fedgen.runtime import local as local_mod
+
+    out = tmp_path / "evfail"
+    committed_at_eval = []
+
+    def failing(exp, state, console, progress):
+        committed_at_eval.append(RunDir(out).committed_rounds()[-1])
+        raise RuntimeError("evaluation exploded")
+
+    monkeypatch.setattr(local_mod, "_evaluate", failing)
+    train(C.load("smoke", overrides=["fl.rounds=2", "eval.every=1"]), out, QUIET)
+    run = RunDir(out)
+    assert committed_at_eval == [1, 2]  # each round was committed before its evaluation started
+    failures = [r for r in run.read_metrics() if r["event"] == "evaluate_failed"]
+    assert [f["round"] for f in failures] == [1, 2] and "evaluation exploded" in failures[0]["error"]
+    assert run.committed_rounds()[-1] == 2 and (run.samples / "final.png").exists()
+
+
+def test_killed_during_samples_resumes_without_repeating_the_round(tmp_path, monkeypatch):
+    from fedgen.runtime import local as local_mod
+
+    out = tmp_path / "killed-samples"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while drawing the last round's grid
+
+    monkeypatch.setattr(local_mod, "_write_samples", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    assert RunDir(out).committed_rounds()[-1] == 2
+    monkeypatch.undo()
+    fits = []
+    monkeypatch.setattr(client_mod.DiffusionClient, "fit", lambda *a, **k: fits.append(1))
+    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    assert fits == [] and (out / "samples" / "final.png").exists()
+    assert [r["round"] for r in RunDir(out).read_metrics() if r["event"] == "round"] == [1, 2]
+
+
+def test_lowering_rounds_below_the_completed_ones_is_refused(smoke_run):
+    _, out = smoke_run
+    before = (out / "config.toml").read_text()
+    with pytest.raises(RunDirError, match="fl.rounds=2 is below the 3 rounds"):
+        train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    assert (out / "config.toml").read_text() == before
+
+
+def test_evaluation_split_does_not_depend_on_the_run_seed():
+    """digits has no test split of its own: every run, whatever its seed, is scored on the same held-out images."""
+    import numpy as np
+
+    from fedgen.fl.experiment import Experiment
+
+    a = Experiment.build(C.load("smoke", overrides=["train.seed=0"]), torch.device("cpu"))
+    b = Experiment.build(C.load("smoke", overrides=["train.seed=7"]), torch.device("cpu"))
+    np.testing.assert_array_equal(a.reference.test.images, b.reference.test.images)
+    torch.testing.assert_close(a.test.images, b.test.images)
+    assert not all(np.array_equal(x, y) for x, y in zip(a.partition.client_indices, b.partition.client_indices,
+                                                          strict=True))  # the seed still drives the split

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedgen import config as config_mod
-from fedgen.config import ConfigError
+from fedgen.errors import FedgenError
 from fedgen.report.progress import progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -23,6 +24,16 @@ err = Console(stderr=True)
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(1)
+
+
+@contextmanager
+def _user_errors():
+    """fedgen's own errors (bad input, a state the user can fix) become one line and exit 1; anything else is a
+    bug and keeps its traceback."""
+    try:
+        yield
+    except FedgenError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -42,30 +53,36 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set fl.rounds=20")] = None,
     centralized: Annotated[bool, typer.Option("--centralized", help="centralized baseline")] = False,
 ) -> None:
-    """Train a federated (or centralized) class-conditional diffusion model; resumes an existing run."""
-    from fedgen.data.partition import PartitionError
-    from fedgen.data.sources import DatasetError
-    from fedgen.fl.rundir import RunDir, RunDirError
-    from fedgen.runtime.local import TrainingAborted
+    """Train a federated (or centralized) class-conditional diffusion model; resumes an existing run.
+
+    The config is the preset (default: the default job, fmnist-quick), then --config, then --set; on an existing run
+    directory with neither --preset nor --config, the run's own config.
+    """
+    from fedgen.fl.rundir import RunDir
     from fedgen.runtime.local import train as run_training
 
     overrides = list(set_ or [])
     if centralized:
         overrides.append("fl.centralized=true")
-    try:
+    with _user_errors():
         if preset is None and config is None and RunDir(out).exists():
             cfg = config_mod.validate(config_mod.apply_overrides(config_mod.to_dict(RunDir(out).config()),
                                                                  overrides))
+            origin = f"the config of {out}"
         else:
-            cfg = config_mod.load(preset or (None if config else "fmnist-quick"), config, overrides)
+            base = preset or config_mod.DEFAULT_PRESET
+            cfg = config_mod.load(base, config, overrides)
+            origin = f"preset {base}" + ("" if preset else " (the default job)") + (f" + {config}" if config else "")
+        if overrides:
+            origin += " + " + " ".join(f"--set {o}" for o in overrides)
+        console.print(f"config: {origin}", highlight=False)
         run_training(cfg, out, console)
-    except (ConfigError, DatasetError, PartitionError, RunDirError, TrainingAborted, ValueError) as exc:
-        _fail(str(exc))
 
 
 @app.command()
 def partition(
     out: Annotated[Path, typer.Option("--out", "-o", help="heatmap PNG")],
+    run: Annotated[Path | None, typer.Argument(help="a run directory: draw the split it trains on")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name")] = "fashion-mnist",
     clients: Annotated[int, typer.Option(help="number of clients N")] = 10,
     beta: Annotated[float, typer.Option(help="Dirichlet concentration")] = 0.5,
@@ -73,20 +90,27 @@ def partition(
     iid: Annotated[bool, typer.Option("--iid", help="IID split instead of Dirichlet")] = False,
     path: Annotated[str | None, typer.Option(help="dataset location")] = None,
 ) -> None:
-    """Print the client x class count table of a split and write its heatmap (the paper's Fig. 3)."""
-    from fedgen.data.partition import PartitionError, format_table, partition_labels, plot_heatmap
+    """Print the client x class count table of a split and write its heatmap (the paper's Fig. 3).
+
+    With RUN, the split that run trains on (its partition.json); otherwise a new split of a whole dataset.
+    """
+    from fedgen.data.partition import format_table, partition_labels, plot_heatmap
     from fedgen.data.sources import DATASETS, DatasetError, load_dataset
 
-    try:
-        if dataset not in DATASETS:
-            raise DatasetError(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
-        ds = load_dataset(dataset, path, seed=seed)
-        part = partition_labels(ds.train.labels, clients, method="iid" if iid else "dirichlet", beta=beta,
-                                seed=seed, num_classes=ds.num_classes)
-    except (DatasetError, PartitionError) as exc:
-        _fail(str(exc))
-    console.print(format_table(part, ds.classes), highlight=False)
-    plot_heatmap(part, ds.classes, out)
+    with _user_errors():
+        if run is not None:
+            from fedgen.fl.rundir import RunDir
+
+            part, classes = RunDir(run).partition()
+        else:
+            if dataset not in DATASETS:
+                raise DatasetError(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
+            ds = load_dataset(dataset, path, seed=seed)
+            part = partition_labels(ds.train.labels, clients, method="iid" if iid else "dirichlet", beta=beta,
+                                    seed=seed, num_classes=ds.num_classes)
+            classes = ds.classes
+    console.print(format_table(part, classes), highlight=False)
+    plot_heatmap(part, classes, out)
     console.print(f"heatmap: {out}")
 
 
@@ -94,7 +118,7 @@ def partition(
 def sample(
     run: Annotated[Path, typer.Argument(help="run directory")],
     out: Annotated[Path, typer.Option("--out", "-o", help="grid PNG")],
-    n: Annotated[int, typer.Option(help="number of images (rounded up to a full row per class)")] = 64,
+    n: Annotated[int, typer.Option(min=1, help="number of images (rounded up to a full row per class)")] = 64,
     client: Annotated[int | None, typer.Option(help="sample client N's own final local model")] = None,
     sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver")] = "ddpm",
     steps: Annotated[int | None, typer.Option(help="network evaluations (default: T for ddpm, 50 otherwise)")] = None,
@@ -104,19 +128,20 @@ def sample(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample a grid with one row per class from the global (or a client's) model."""
-    from fedgen.fl.rundir import RunDirError
+    from fedgen.diffusion.sampling import check_options
+    from fedgen.models.unet import null_label
     from fedgen.report.grid import sample_grid
     from fedgen.runtime.models import load_run_model
 
-    try:
+    with _user_errors():
         loaded = load_run_model(run, client=client)
+        check_options(loaded.cfg.diffusion, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance,
+                      null_label=null_label(loaded.model, len(loaded.classes)))
         per_class = math.ceil(n / len(loaded.classes))
         with progress_bar(console) as progress:
             sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, per_class, out,
                         seed=seed, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance,
                         with_palette=client is not None, progress=progress)
-    except (RunDirError, ConfigError, ValueError) as exc:
-        _fail(str(exc))
     console.print(f"{per_class * len(loaded.classes)} samples ({per_class} per class) from {loaded.source}: {out}")
 
 
@@ -138,31 +163,36 @@ def evaluate(
 ) -> None:
     """FID/KID/IS/precision-recall (domain, and Inception with local weights) and TSTR; appends to metrics.jsonl."""
     from fedgen.data.prepare import load_reference
-    from fedgen.data.sources import DatasetError
-    from fedgen.fl.rundir import RunDir, RunDirError
+    from fedgen.diffusion.sampling import check_options
+    from fedgen.fl.rundir import RunDir
     from fedgen.metrics.evaluate import evaluate_model
-    from fedgen.metrics.inception import InceptionWeightsError
+    from fedgen.models.unet import null_label
     from fedgen.runtime.models import load_run_model
 
-    try:
+    with _user_errors():
         loaded = load_run_model(run, client=client)
         updates = {"samples": n, "sampler": sampler, "steps": steps, "tstr_samples": tstr_samples,
                    "inception_weights": str(inception_weights) if inception_weights else None}
-        ev = loaded.cfg.eval.model_copy(update={k: v for k, v in updates.items() if v is not None})
         if tstr:
-            ev = ev.model_copy(update={"tstr": True})
+            updates["tstr"] = True
+        eval_raw = loaded.cfg.eval.model_dump() | {k: v for k, v in updates.items() if v is not None}
+        ev = config_mod.validate(config_mod.to_dict(loaded.cfg) | {"eval": eval_raw}).eval
         if guidance is not None:
             loaded.cfg.diffusion.guidance = guidance
-        ds = load_reference(loaded.cfg.data, loaded.cfg.train.seed)
+        check_options(loaded.cfg.diffusion, sampler=ev.sampler, steps=ev.steps, guidance=guidance,
+                      null_label=null_label(loaded.model, len(loaded.classes)))
+        if ev.inception_weights:
+            from fedgen.metrics.inception import check_inception_weights
+
+            check_inception_weights(ev.inception_weights)
+        ds = load_reference(loaded.cfg.data)
         with progress_bar(console) as progress:
             record = evaluate_model(loaded.model, loaded.cfg, ds, ev, seed=seed,
                                     log=lambda m: console.print(m, highlight=False), progress=progress)
-    except (RunDirError, ConfigError, DatasetError, InceptionWeightsError, ValueError) as exc:
-        _fail(str(exc))
     record = {"event": "evaluate", "round": loaded.round, "model": "global" if client is None else f"client {client}",
               **record}
     RunDir(run).log(record)
-    table = Table("metric", "value", title=f"{loaded.source} (round {loaded.round})")
+    table = Table("metric", "value", title=loaded.source)
     for key, value in record.items():
         if key not in ("event", "round", "model"):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

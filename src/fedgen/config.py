@@ -10,8 +10,10 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedgen.errors import FedgenError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedgenError, ValueError):
     """A config that cannot be used; the message names the field."""
 
 
@@ -29,6 +31,10 @@ class DataConfig(_Section):
         None, ge=1, description="stratified seeded subset of the training split (None: all)"
     )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share for datasets without a test split")
+    split_seed: int = Field(
+        0, description="seed of that held-out split: part of the dataset's definition, independent of train.seed, "
+        "so runs of any seed are evaluated on the same test images"
+    )
     partition: Literal["dirichlet", "iid"] = "dirichlet"
     beta: float = Field(0.5, gt=0, description="Dirichlet concentration; small = very non-IID")
 
@@ -202,6 +208,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
 
 
 PRESETS: dict[str, dict[str, Any]] = _build_presets()
+DEFAULT_PRESET = "fmnist-quick"  # what `fedgen train` builds on when no --preset is given
 
 
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedgen.errors import FedgenError
 
-class PartitionError(ValueError):
+
+class PartitionError(FedgenError, ValueError):
     """An impossible partition request."""
 
 
@@ -76,6 +79,8 @@ def partition_labels(
 
     Dirichlet: for each class, client shares ~ Dir(beta) (flwr-datasets' DirichletPartitioner, which redraws
     until every client has at least `min_size` samples). IID: a seeded shuffle cut into equal chunks.
+    Every client gets at least one sample (`min_size` >= 1): a client with no data has nothing to train on and
+    no loss to report; a split that cannot give every client its minimum is refused.
     """
     from datasets import Dataset
 
@@ -91,18 +96,24 @@ def partition_labels(
         raise PartitionError(f"Dirichlet beta must be > 0, got {beta}")
     if min_size is None:
         min_size = min(10, len(labels) // (num_clients * 2))
+    min_size = max(1, min_size)
     order = np.random.default_rng(seed).permutation(len(labels)) if method == "iid" else np.arange(len(labels))
     dataset = Dataset.from_dict({"label": labels[order], "index": order}).with_format("arrow")
     partitioner = _partitioner(method, num_clients, beta, seed, min_size)
     partitioner.dataset = dataset
     try:
-        parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
-                 for i in range(num_clients)]
+        with warnings.catch_warnings():  # flwr-datasets warns on every redraw; the outcome is what we report
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+                     for i in range(num_clients)]
     except ValueError as exc:  # flwr-datasets gives up after many redraws
         raise PartitionError(
             f"could not split {len(labels)} samples into {num_clients} Dirichlet(beta={beta}) clients with at "
             f"least {min_size} samples each ({exc}); use fewer clients or a larger beta"
         ) from None
+    empty = [i for i, p in enumerate(parts) if len(p) < min_size]
+    if empty:  # IID chunks of a set smaller than N, or a partitioner that did not hold its minimum
+        raise PartitionError(f"clients {empty} would get fewer than {min_size} samples; use fewer clients")
     counts = np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
     return Partition(method, beta if method == "dirichlet" else None, seed, parts, counts)
 

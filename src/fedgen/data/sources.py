@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fedgen.errors import FedgenError
 
-class DatasetError(ValueError):
+
+class DatasetError(FedgenError, ValueError):
     """A dataset that cannot be found or read; the message says which file and what was expected."""
 
 

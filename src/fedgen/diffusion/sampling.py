@@ -17,8 +17,8 @@ from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 from fedgen.config import DiffusionConfig
-from fedgen.errors import UsageError
 from fedgen.diffusion.schedule import betas, ddpm_scheduler, respaced_timesteps
+from fedgen.errors import UsageError
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 SIGMAS = ("beta", "beta-tilde")

@@ -77,6 +77,8 @@ class DiffusionClient:
         result does not depend on what ran before (resuming gives the same weights). A fresh Adam is
         used each round unless `settings.keep_optimizer` (the centralized baseline carries Adam's state).
         """
+        if len(self.data) == 0:
+            raise ValueError(f"client {self.client_id} has no data: nothing to train on")
         model = self.model
         model.load_state_dict(global_state)
         model.train()
@@ -114,7 +116,7 @@ class DiffusionClient:
         return FitResult(
             state=_clone_state(model),
             num_examples=n,
-            mean_loss=total / max(steps, 1),
+            mean_loss=total / steps,
             steps=steps,
             optimizer_state=optimizer.state_dict() if settings.keep_optimizer else None,
         )
@@ -128,6 +130,8 @@ def evaluation_loss(model: nn.Module, scheduler: DDPMScheduler, data: ClientData
     Timesteps and noise are drawn from a generator seeded by `key` alone, so the number is comparable
     across rounds (the same images, t and noise every time).
     """
+    if len(data) == 0 or max_samples < 1:
+        raise ValueError("evaluation_loss needs at least one image")
     model.eval()
     gen = generator(seed, "eval-loss", key)
     n = min(max_samples, len(data))
@@ -137,4 +141,4 @@ def evaluation_loss(model: nn.Module, scheduler: DDPMScheduler, data: ClientData
         x0 = data.images[chunk].to(device)
         y = data.labels[chunk].to(device)
         total += diffusion_loss(model, scheduler, x0, y, gen, reduction="none").sum().item()
-    return total / max(n, 1)
+    return total / n

@@ -15,6 +15,7 @@ from fedgen.data.prepare import load_for_config, load_reference
 from fedgen.data.sources import ImageDataset
 from fedgen.data.transforms import to_tensor
 from fedgen.diffusion.schedule import ddpm_scheduler
+from fedgen.errors import UsageError
 from fedgen.fl.client import ClientData, DiffusionClient, TrainSettings
 from fedgen.models.unet import build_unet
 from fedgen.seeding import derive_seed
@@ -25,7 +26,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+        raise UsageError(f"train.device={name!r} but no CUDA device is available")
     return device
 
 
@@ -79,7 +80,7 @@ class Experiment:
     @cached_property
     def reference(self) -> ImageDataset:
         """The full real splits (not the training subset) that metrics compare against."""
-        return load_reference(self.cfg.data, self.cfg.train.seed)
+        return load_reference(self.cfg.data)
 
     @property
     def per_round(self) -> int:

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedgen import config as config_mod
 from fedgen.config import Config
+from fedgen.errors import FedgenError
 from fedgen.fl.aggregate import State
 
 
-class RunDirError(RuntimeError):
+class RunDirError(FedgenError, RuntimeError):
     """The run directory cannot be used for this config."""
 
 
@@ -99,6 +101,25 @@ class RunDir:
             raise RunDirError(f"{self.path} is not a fedgen run directory (no config.toml)")
         return config_mod.read(self.config_path)
 
+    def partition(self):
+        """The client split this run trains on (partition.json) and its class names (from the start record)."""
+        from fedgen.data.partition import Partition
+
+        if not self.partition_path.exists():
+            raise RunDirError(f"{self.path} has no partition.json (not a fedgen run directory, or never started)")
+        part = Partition.load(self.partition_path)
+        start = next((r for r in self.read_metrics() if r.get("event") == "start"), {})
+        return part, start.get("classes") or [str(k) for k in range(part.counts.shape[1])]
+
+    def check_rounds(self, cfg: Config) -> None:
+        """Refuse an fl.rounds below the rounds already committed (it would rewrite history, not train)."""
+        done = self.committed_rounds()
+        if done and cfg.fl.rounds < done[-1]:
+            raise RunDirError(
+                f"fl.rounds={cfg.fl.rounds} is below the {done[-1]} rounds {self.path} has completed; a run can be "
+                "extended, not shortened (use a new --out directory)"
+            )
+
     # metrics
     def log(self, record: dict) -> None:
         with self.metrics_path.open("a") as f:
@@ -134,8 +155,9 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "clients").mkdir(parents=True)
         save_file(_contiguous(ckpt.global_state), tmp / "global.safetensors")
-        for cid, state in client_states.items():
-            save_file(_contiguous(state), tmp / "clients" / f"client_{cid:03d}.safetensors")
+        for cid, state in client_states.items():  # each client's model records the round it was trained in
+            save_file(_contiguous(state), tmp / "clients" / f"client_{cid:03d}.safetensors",
+                      metadata={"trained_round": str(ckpt.round)})
         if ckpt.optimizer_state is not None:
             torch.save(ckpt.optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"round": ckpt.round, **ckpt.extra}))
@@ -168,11 +190,15 @@ class RunDir:
             extra=state,
         )
 
-    def load_client_model(self, client_id: int, device: torch.device | str = "cpu") -> State:
+    def load_client_model(self, client_id: int, device: torch.device | str = "cpu") -> tuple[State, int]:
+        """Client `client_id`'s latest local model and the round it was trained in (with K of N clients per
+        round, often earlier than the run's last round)."""
         path = self.client_model_path(client_id)
         if not path.exists():
             have = sorted(int(p.stem.split("_")[1]) for p in self.clients.glob("client_*.safetensors"))
             raise RunDirError(
                 f"no local model for client {client_id} in {self.path} (clients with a model: {have or 'none'})"
             )
-        return load_file(path, device=str(device))
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            trained_round = int((f.metadata() or {}).get("trained_round", -1))
+            return {k: f.get_tensor(k) for k in f.keys()}, trained_round

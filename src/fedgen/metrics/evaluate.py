@@ -90,6 +90,7 @@ def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed
                     "generated": n,
                     "guidance": cfg.diffusion.guidance,
                     "sampling_s": round(fake.seconds, 2),
+                    "domain_classifier": key,
                     "domain_classifier_real_test_accuracy": info["real_test_accuracy"]}
     for ex in extractors:
         real = {split: real_features(ex, key, split, getattr(ds, split).images) for split in ("train", "test")}

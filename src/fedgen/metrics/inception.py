@@ -12,14 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedgen.metrics.features import Extractor, check_signed_unit_range
-
-# torch-fidelity's weights file is `weights-inception-2015-12-05-6726825d.pth`: by torch.hub's convention the
-# suffix is the start of the file's SHA-256.
-INCEPTION_SHA256_PREFIX = "6726825d"
+from fedgen.errors import FedgenError
+from fedgen.metrics.features import INCEPTION_SHA256, Extractor, check_signed_unit_range
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(FedgenError, ValueError):
     """Missing, unreadable or wrong Inception weights."""
 
 
@@ -61,18 +58,23 @@ class _InceptionHead(nn.Module):
         return features, logits
 
 
-def inception_extractor(weights: str | Path, *, device: torch.device | str = "cpu",
-                        expected_sha256: str = INCEPTION_SHA256_PREFIX) -> Extractor:
-    """2048-d pool features and unbiased logits of the FID Inception network loaded from `weights`."""
+def check_inception_weights(weights: str | Path) -> tuple[Path, str]:
+    """The weights file and its SHA-256, which must be the full digest of the standard FID Inception weights."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise InceptionWeightsError(f"Inception weights file {path} not found")
     digest = sha256_of(path)
-    if not digest.startswith(expected_sha256.lower()):
+    if digest != INCEPTION_SHA256:
         raise InceptionWeightsError(
-            f"{path}: SHA-256 {digest} does not match the FID Inception weights (expected {expected_sha256}...); "
+            f"{path}: SHA-256 {digest} does not match the FID Inception weights (expected {INCEPTION_SHA256}); "
             "use torch-fidelity's weights-inception-2015-12-05-6726825d.pth"
         )
+    return path, digest
+
+
+def inception_extractor(weights: str | Path, *, device: torch.device | str = "cpu") -> Extractor:
+    """2048-d pool features and unbiased logits of the FID Inception network loaded from `weights`."""
+    path, digest = check_inception_weights(weights)
     cls = _inception_class()
     net = cls("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path))
     note = f"Inception features: FID InceptionV3 (torch-fidelity), weights {path.name} sha256 {digest[:12]}"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from diffusers import UNet2DModel
 
 from fedgen.config import ModelConfig
+from fedgen.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def unet_shape(cfg: ModelConfig) -> UNetShape:
     if cfg.arch != "custom":
         return ARCHS[cfg.arch]
     if not cfg.block_out_channels or cfg.layers_per_block is None:
-        raise ValueError("model.arch='custom' needs model.block_out_channels and model.layers_per_block")
+        raise UsageError("model.arch='custom' needs model.block_out_channels and model.layers_per_block")
     return UNetShape(tuple(cfg.block_out_channels), cfg.layers_per_block, tuple(cfg.attention_levels or ()))
 
 
@@ -45,7 +46,7 @@ def build_unet(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes:
     channels, height, width = image_shape
     factor = 2 ** (len(shape.block_out_channels) - 1)
     if height % factor or width % factor:
-        raise ValueError(
+        raise UsageError(
             f"image size {height}x{width} must be divisible by {factor} for model.arch={cfg.arch!r} "
             f"({len(shape.block_out_channels)} levels); set data.image_size"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from rich.progress import Progress
 from fedgen import config as config_mod
 from fedgen.config import Config
 from fedgen.data.partition import Partition
+from fedgen.errors import FedgenError
 from fedgen.fl.client import FitResult, NonFiniteLossError, evaluation_loss
 from fedgen.fl.experiment import Experiment, resolve_device
 from fedgen.fl.rundir import Checkpoint, RunDir
@@ -20,7 +22,7 @@ from fedgen.report.grid import sample_grid
 from fedgen.report.progress import progress_bar, task
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(FedgenError, RuntimeError):
     """A round failed; the run directory still holds the last good checkpoint."""
 
 
@@ -35,6 +37,7 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
     console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
 
     partition = Partition.load(run.partition_path) if run.partition_path.exists() else None
+    run.check_rounds(cfg)
     exp = Experiment.build(cfg, device, partition)  # bad data fails here, before the directory is written
     run.write_config(cfg)
     if partition is None:
@@ -55,8 +58,7 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
     rounds = cfg.fl.rounds
     if start >= rounds:
         console.print(f"run already has {start} rounds (fl.rounds={rounds}); nothing to train")
-        if not (run.samples / "final.png").exists():
-            _write_samples(exp, state, run.samples / "final.png", console)
+        _write_final_samples(exp, run, rounds, state, console)
         return run
 
     server = FedAvgServer(len(exp.clients), exp.per_round, cfg.train.seed, state)
@@ -94,23 +96,43 @@ def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
                 "bytes_down": server.model_bytes * len(selected),
                 "bytes_up": server.model_bytes * len(results),
             }
-            last_round = r + 1 == rounds
-            if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):
-                _write_samples(exp, state, run.samples / f"round_{r + 1:04d}.png", console, progress)
             record["time_s"] = round(time.perf_counter() - t0, 3)
+            # commit first: the round record, then the checkpoint. Samples and evaluation come after, so a failed
+            # or killed evaluation never loses the round and a resume never repeats it.
             run.log(record)
-            if cfg.eval.every and ((r + 1) % cfg.eval.every == 0 or last_round):
-                evaluation = _evaluate(exp, state, console, progress)
-                run.log({"event": "evaluate", "round": r + 1, "model": "global", **evaluation})
             run.save_checkpoint(Checkpoint(r + 1, state, optimizer_state, meta),
                                 {c: res.state for c, res in results.items()}, keep=cfg.log.keep_checkpoints)
             progress.advance(rounds_task)
             console.print(f"round {r + 1}/{rounds}: test loss {record['global_test_loss']:.4f}, "
                           f"mean client loss {record['global_client_loss_mean']:.4f}, {record['time_s']:.1f}s")
-    final = run.samples / f"round_{rounds:04d}.png"
-    (run.samples / "final.png").write_bytes(final.read_bytes())
-    console.print(f"done: samples in {run.samples / 'final.png'}, checkpoints in {run.checkpoints}")
+            last_round = r + 1 == rounds
+            if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):
+                _after_commit(run, r + 1, "samples", console, partial(
+                    _write_samples, exp, state, run.samples / f"round_{r + 1:04d}.png", console, progress))
+            if cfg.eval.every and ((r + 1) % cfg.eval.every == 0 or last_round):
+                _after_commit(run, r + 1, "evaluate", console, partial(_log_evaluation, exp, run, r + 1, state,
+                                                                       console, progress))
+    _write_final_samples(exp, run, rounds, state, console)
     return run
+
+
+def _after_commit(run: RunDir, round_idx: int, what: str, console: Console, work) -> None:
+    """Samples or evaluation of a committed round: a failure is logged and the run goes on."""
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - the round is committed; its extras must not stop training
+        run.log({"event": f"{what}_failed", "round": round_idx, "error": f"{type(exc).__name__}: {exc}"})
+        console.print(f"[yellow]warning:[/] {what} after round {round_idx} failed ({type(exc).__name__}: {exc}); "
+                      "the round is committed and training goes on")
+
+
+def _write_final_samples(exp: Experiment, run: RunDir, rounds: int, state, console: Console) -> None:
+    """samples/final.png: the last round's grid, drawn now if it is missing (failed or interrupted)."""
+    last = run.samples / f"round_{rounds:04d}.png"
+    if not last.exists():
+        _write_samples(exp, state, last, console)
+    (run.samples / "final.png").write_bytes(last.read_bytes())
+    console.print(f"done: samples in {run.samples / 'final.png'}, checkpoints in {run.checkpoints}")
 
 
 def _global_losses(exp: Experiment, state, selected: list[int]) -> dict:
@@ -127,6 +149,10 @@ def _global_losses(exp: Experiment, state, selected: list[int]) -> dict:
     return {"global_client_loss": per_client,
             "global_client_loss_mean": sum(per_client.values()) / len(per_client),
             "global_test_loss": test}
+
+
+def _log_evaluation(exp: Experiment, run: RunDir, round_idx: int, state, console: Console, progress) -> None:
+    run.log({"event": "evaluate", "round": round_idx, "model": "global", **_evaluate(exp, state, console, progress)})
 
 
 def _evaluate(exp: Experiment, state, console: Console, progress: Progress) -> dict:

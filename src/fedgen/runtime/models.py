@@ -18,7 +18,7 @@ class LoadedModel:
     model: UNet2DModel
     classes: list[str]
     image_shape: tuple[int, int, int]
-    round: int
+    round: int  # the round the model is from: the last committed round, or the client's last trained round
     source: str
 
 
@@ -34,8 +34,11 @@ def load_run_model(path: Path, client: int | None = None, device: str | None = N
     if client is None:
         model.load_state_dict(ckpt.global_state)
         source = f"the global model after round {ckpt.round}"
+        return_round = ckpt.round
     else:
-        model.load_state_dict(run.load_client_model(client, dev))
-        source = f"client {client}'s final local model"
+        state, trained_round = run.load_client_model(client, dev)
+        model.load_state_dict(state)
+        source = f"client {client}'s local model, last trained in round {trained_round} of {ckpt.round}"
+        return_round = trained_round
     model.eval()
-    return LoadedModel(cfg, model, classes, shape, ckpt.round, source)
+    return LoadedModel(cfg, model, classes, shape, return_round, source)
