@@ -69,6 +69,14 @@ class FLConfig(_Section):
     rounds: int = Field(300, ge=1, description="R")
     local_epochs: int = Field(5, ge=1, description="E")
     centralized: bool = Field(False, description="train one model on the union of the data for R x E epochs")
+    min_clients: int = Field(
+        1, ge=1, description="a round completes when at least this many sampled clients returned a usable update "
+        "(the others are logged as missing or rejected); fewer stop the run with the last checkpoint intact"
+    )
+    max_update_norm_ratio: float = Field(
+        10.0, gt=1, description="reject an update whose distance from the global weights exceeds this many times "
+        "the median of the round's others (needs 3 or more updates)"
+    )
 
     @model_validator(mode="after")
     def _k_le_n(self) -> FLConfig:
@@ -89,6 +97,10 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     bf16: bool = Field(False, description="bfloat16 autocast for the network (fast on CPUs with AMX)")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads of each client's work (None: the process default). CPU results "
+        "are bit-identical across runtimes for equal thread counts; set it to compare runtimes"
+    )
     label_dropout: float = Field(
         0.0, ge=0, lt=1, description="share of training labels replaced by a null class (enables classifier-free "
         "guidance)"
@@ -119,6 +131,16 @@ class EvalConfig(_Section):
     )
 
 
+class RuntimeConfig(_Section):
+    """Where clients run. None of it changes what a run computes, so it may change on an existing run."""
+
+    round_timeout_s: float = Field(600.0, gt=0, description="Flower: how long a round waits for replies")
+    message_ttl_s: float | None = Field(None, gt=0, description="Flower: message lifetime (None: the round timeout)")
+    wait_for_nodes_s: float = Field(120.0, gt=0, description="Flower: how long to wait for every silo at start")
+    sim_cpus_per_client: float = Field(1.0, gt=0, description="flower-sim: CPUs reserved per virtual client")
+    sim_cpus: int | None = Field(None, ge=1, description="flower-sim: CPUs given to Ray (None: all)")
+
+
 class Config(_Section):
     name: str = "fedgen"
     description: str = ""
@@ -129,12 +151,16 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
 
 # Keys whose change on an existing run directory does not alter what the run computes.
 RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "description",
                      "eval.every", "eval.samples", "eval.sampler", "eval.steps", "eval.tstr", "eval.tstr_samples",
-                     "eval.inception_weights", "diffusion.sigma", "diffusion.guidance")
+                     "eval.inception_weights", "diffusion.sigma", "diffusion.guidance", "train.cpu_threads",
+                     "fl.min_clients", "fl.max_update_norm_ratio", "runtime.round_timeout_s",
+                     "runtime.message_ttl_s", "runtime.wait_for_nodes_s", "runtime.sim_cpus_per_client",
+                     "runtime.sim_cpus")
 
 
 def _paper(dataset: str, description: str, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from fedgen.data.sources import ImageDataset
 from fedgen.data.transforms import to_tensor
 from fedgen.diffusion.schedule import ddpm_scheduler
 from fedgen.errors import UsageError
-from fedgen.fl.client import ClientData, DiffusionClient, TrainSettings
+from fedgen.fl.client import ClientData, DiffusionClient
 from fedgen.models.unet import build_unet
 from fedgen.seeding import derive_seed
 
@@ -81,14 +81,3 @@ class Experiment:
     def reference(self) -> ImageDataset:
         """The full real splits (not the training subset) that metrics compare against."""
         return load_reference(self.cfg.data)
-
-    @property
-    def per_round(self) -> int:
-        return 1 if self.cfg.fl.centralized else self.cfg.fl.k
-
-    def train_settings(self) -> TrainSettings:
-        t = self.cfg.train
-        return TrainSettings(epochs=self.cfg.fl.local_epochs, batch_size=t.batch_size, lr=t.lr,
-                             hflip=self.cfg.data.hflip, bf16=t.bf16, seed=t.seed,
-                             label_dropout=t.label_dropout, null_label=self.dataset.num_classes,
-                             keep_optimizer=self.cfg.fl.centralized)

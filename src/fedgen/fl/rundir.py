@@ -68,6 +68,10 @@ class RunDir:
     def clients(self) -> Path:
         return self.path / "clients"
 
+    def silo_state(self, silo: int) -> Path:
+        """Where an in-process silo keeps its persistent state (runtime/local.py; fl/worker.SiloStateStore)."""
+        return self.path / "silos" / f"silo_{silo:03d}"
+
     def client_model_path(self, client_id: int) -> Path:
         return self.clients / f"client_{client_id:03d}.safetensors"
 
