@@ -81,3 +81,25 @@ class Experiment:
     def reference(self) -> ImageDataset:
         """The full real splits (not the training subset) that metrics compare against."""
         return load_reference(self.cfg.data)
+
+
+def silo_data(cfg: Config, silo: int, data_path: str | None = None) -> tuple[ClientData, list[str]]:
+    """What one silo holds, loaded where the silo runs: its own directory (`data_path`, read as `data.dataset`
+    at the run's image size and channels; its training split), or, for tests and demos, its share of a dataset
+    every node can read (the run's partition, recomputed from the config exactly as in-process)."""
+    from fedgen.data.sources import load_dataset
+    from fedgen.errors import UsageError
+
+    if data_path:
+        d = cfg.data
+        ds = load_dataset(d.dataset, data_path, image_size=d.image_size, channels=d.channels,
+                          test_fraction=d.test_fraction, seed=d.split_seed)
+        return ClientData(to_tensor(ds.train.images), torch.from_numpy(ds.train.labels)), ds.classes
+    dataset = load_for_config(cfg.data, cfg.train.seed)
+    partition = make_partition(cfg, dataset.train.labels, dataset.num_classes)
+    if not 0 <= silo < len(partition.client_indices):
+        raise UsageError(f"silo {silo} does not exist: the run has {len(partition.client_indices)} silos "
+                         f"(fl.clients), numbered from 0")
+    idx = torch.from_numpy(partition.client_indices[silo])
+    return ClientData(to_tensor(dataset.train.images)[idx], torch.from_numpy(dataset.train.labels)[idx]), \
+        dataset.classes

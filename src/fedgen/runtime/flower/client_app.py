@@ -1,0 +1,99 @@
+"""fedgen's Flower ClientApp: a silo's worker behind Flower messages.
+
+A SuperNode names its silo in its node config: `partition-id` (the silo number, 0..N-1) and, where the silo
+has its own data, `data-path` (a directory in any format fedgen reads, interpreted as the run's `data.dataset`);
+without `data-path` the silo takes its share of a dataset every node can read (tests and demos). Optional
+`state-dir` holds the silo's persistent state. Simulation's virtual nodes get `partition-id` from Flower.
+
+Workers are cached per process (simulation reuses its Ray actors); a deployed SuperNode starts a new process
+per message, so it loads its data per message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedgen import config as config_mod
+from fedgen.fl.protocol import Reply
+from fedgen.runtime.flower.codec import decode_request, reply_message
+
+app = ClientApp()
+
+
+def _state_dir(node_config: dict, run: dict, silo: int) -> Path:
+    from fedgen.metrics.features import cache_dir
+
+    root = Path(str(node_config["state-dir"])) if node_config.get("state-dir") else cache_dir() / "silo-state"
+    return root / str(run["key"]) / f"silo_{silo:03d}"
+
+
+@lru_cache(maxsize=4)
+def _worker(config_json: str, silo: int, data_path: str | None, state_dir: str):
+    import torch
+
+    from fedgen.diffusion.schedule import ddpm_scheduler
+    from fedgen.fl.experiment import new_model, resolve_device, silo_data
+    from fedgen.fl.worker import FedDMWorker, SiloStateStore
+
+    cfg = config_mod.validate(json.loads(config_json))
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    device = resolve_device(cfg.train.device)
+    data, classes = silo_data(cfg, silo, data_path)
+    model = new_model(cfg, tuple(data.images.shape[1:]), len(classes), device)
+    return FedDMWorker(cfg, silo, data, classes, model, ddpm_scheduler(cfg.diffusion), device,
+                       SiloStateStore(Path(state_dir)))
+
+
+def _silo(context: Context) -> tuple[int, str | None]:
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ValueError("this SuperNode has no partition-id in its node config (its silo number, 0..N-1)")
+    return int(nc["partition-id"]), (str(nc["data-path"]) if nc.get("data-path") else None)
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """Decode, run the silo's worker, encode. Any error becomes an error reply naming the silo; the traceback
+    goes to the SuperNode's log."""
+    silo = -1
+    try:
+        request, run = decode_request(msg)
+        silo, data_path = _silo(context)
+        if request.silo < 0:  # discovery: the server does not know this node's silo yet
+            request.silo = silo
+        elif request.silo != silo:
+            raise ValueError(f"request for silo {request.silo} reached the node of silo {silo}")
+        worker = _worker(json.dumps(run["config"], sort_keys=True), silo, data_path,
+                         str(_state_dir(context.node_config, run, silo)))
+        reply = worker.handle(request)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which names the node
+        traceback.print_exc()
+        reply = Reply(silo, config={"error": f"{type(exc).__name__}: {exc}"})
+    return reply_message(reply, msg)
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@app.train()
+def fit(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+def run_key(out: str, cfg_json: str) -> str:
+    """Names a run's silo state directories: the run directory and config, hashed."""
+    return hashlib.sha256(f"{out}\n{cfg_json}".encode()).hexdigest()[:16]
