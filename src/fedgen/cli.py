@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedgen import config as config_mod
-from fedgen.errors import FedgenError
+from fedgen.errors import FedgenError, UsageError
 from fedgen.report.progress import progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -52,6 +52,12 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set fl.rounds=20")] = None,
     centralized: Annotated[bool, typer.Option("--centralized", help="centralized baseline")] = False,
+    runtime: Annotated[str, typer.Option(help="local (in-process) | flower-sim (Flower's simulation engine) | "
+                                              "flower (a SuperLink and SuperNodes)")] = "local",
+    superlink: Annotated[str | None, typer.Option(help="--runtime flower: the SuperLink, HOST:PORT")] = None,
+    certs: Annotated[Path | None, typer.Option(help="--runtime flower: the folder of `fedgen flower certs` "
+                                                    "(its ca.crt)")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="--runtime flower: plaintext, no TLS")] = False,
 ) -> None:
     """Train a federated (or centralized) class-conditional diffusion model; resumes an existing run.
 
@@ -76,7 +82,21 @@ def train(
         if overrides:
             origin += " + " + " ".join(f"--set {o}" for o in overrides)
         console.print(f"config: {origin}", highlight=False)
-        run_training(cfg, out, console)
+        if runtime == "local":
+            run_training(cfg, out, console)
+        elif runtime == "flower-sim":
+            from fedgen.runtime.flower.simulation import train_simulation
+
+            train_simulation(cfg, out, console)
+        elif runtime == "flower":
+            from fedgen.runtime.flower.deployment import submit
+
+            if superlink is None or (certs is None and not insecure):
+                raise UsageError("--runtime flower needs --superlink HOST:PORT and --certs DIR (or --insecure)")
+            submit(cfg, out, superlink, None if insecure else certs,
+                   echo=lambda line: console.print(line, highlight=False, markup=False))
+        else:
+            raise UsageError(f"unknown runtime {runtime!r}; expected local, flower-sim or flower")
 
 
 @app.command()
@@ -197,6 +217,95 @@ def evaluate(
         if key not in ("event", "round", "model"):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+flower = typer.Typer(no_args_is_help=True, help="Deploy on Flower: certificates, a SuperLink, one SuperNode per silo.")
+app.add_typer(flower, name="flower")
+
+
+@flower.command("certs")
+def flower_certs(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the CA, the SuperLink's certificate and keys")],
+    nodes: Annotated[int, typer.Option(min=1, help="number of SuperNode key pairs (node-1 .. node-N)")] = 2,
+    host: Annotated[list[str] | None, typer.Option(help="a name or IP nodes dial the SuperLink by (repeatable; "
+                                                        "localhost and 127.0.0.1 are always included)")] = None,
+) -> None:
+    """A CA, the SuperLink's TLS certificate and one authentication key pair per SuperNode."""
+    from fedgen.runtime.flower.deployment import write_certs
+
+    with _user_errors():
+        written = write_certs(out, nodes, list(host or []))
+    console.print(f"wrote {', '.join(p.name for p in written)} to {out}\n"
+                  f"the SuperLink machine needs ca.crt, superlink.crt, superlink.key and the node-*.pub files; "
+                  f"silo i needs ca.crt and node-i (keep ca.key offline)", highlight=False)
+
+
+@flower.command("superlink")
+def flower_superlink(
+    certs: Annotated[Path | None, typer.Option(help="folder of `fedgen flower certs` (TLS and node keys)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for remote SuperNodes)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the SuperLink's one HTTPS port")] = 8000,
+    state: Annotated[Path | None, typer.Option(help="folder for the SuperLink's database (node registrations "
+                                                    "survive restarts)")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="plaintext and no node authentication")] = False,
+) -> None:
+    """Run the SuperLink (TLS + SuperNode authentication) and register the nodes' keys; Ctrl-C stops it."""
+    from fedgen.runtime.flower.deployment import serve_superlink
+
+    with _user_errors():
+        if certs is None and not insecure:
+            raise UsageError("pass --certs DIR (from `fedgen flower certs`), or --insecure for plaintext")
+        database = None
+        if state is not None:
+            state.mkdir(parents=True, exist_ok=True)
+            database = state / "superlink.db"
+        code = serve_superlink(None if insecure else certs, host, port, database,
+                               log=lambda m: console.print(m, highlight=False))
+    raise typer.Exit(code)
+
+
+@flower.command("supernode")
+def flower_supernode(
+    superlink: Annotated[str, typer.Option(help="the SuperLink, HOST:PORT")],
+    partition_id: Annotated[int, typer.Option("--partition-id", help="this silo's number, 0..N-1")],
+    certs: Annotated[Path | None, typer.Option(help="folder holding the CA certificate ca.crt")] = None,
+    key: Annotated[Path | None, typer.Option(help="this node's private key (node-i from `fedgen flower certs`)")]
+    = None,
+    data: Annotated[Path | None, typer.Option(help="this silo's own data: a folder in the run's data.dataset "
+                                                   "format (default: its share of a dataset every node reads)")]
+    = None,
+    port: Annotated[int, typer.Option(help="local port of this SuperNode (distinct per node on one machine)")]
+    = 9094,
+    max_wait: Annotated[float, typer.Option(help="give up after this many seconds without the SuperLink")] = 60.0,
+    state: Annotated[Path | None, typer.Option(help="folder for this silo's persistent state")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="plaintext, no node authentication")] = False,
+) -> None:
+    """Run one silo's SuperNode: it trains on its own data only and sends back weights and metrics."""
+    from fedgen.runtime.flower.deployment import serve_supernode
+
+    with _user_errors():
+        if certs is None and not insecure:
+            raise UsageError("pass --certs DIR and --key NODE_KEY (from `fedgen flower certs`), or --insecure")
+        code = serve_supernode(superlink, None if insecure else certs, None if insecure else key, partition_id,
+                               data, port, max_wait, state)
+    raise typer.Exit(code)
+
+
+@flower.command("register")
+def flower_register(
+    public_key: Annotated[Path, typer.Argument(help="a node's public key (node-i.pub)")],
+    superlink: Annotated[str, typer.Option(help="the SuperLink, HOST:PORT")] = "127.0.0.1:8000",
+    certs: Annotated[Path | None, typer.Option(help="folder holding ca.crt")] = None,
+) -> None:
+    """Register one more SuperNode key with a running SuperLink."""
+    from fedgen.runtime.flower.deployment import FlwrHome, register_keys
+
+    with _user_errors():
+        home = FlwrHome(superlink, certs / "ca.crt" if certs else None)
+        try:
+            register_keys(home, [public_key], log=lambda m: console.print(m, highlight=False))
+        finally:
+            home.close()
 
 
 if __name__ == "__main__":

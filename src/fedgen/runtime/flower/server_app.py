@@ -23,6 +23,7 @@ from rich.console import Console
 
 from fedgen import config as config_mod
 from fedgen.config import Config
+from fedgen.data.partition import Partition
 from fedgen.data.prepare import load_reference
 from fedgen.data.sources import DatasetError
 from fedgen.data.transforms import to_tensor
@@ -36,6 +37,7 @@ from fedgen.runtime.flower.client_app import run_key
 from fedgen.runtime.flower.codec import decode_reply, request_message
 
 POLL_S = 0.2
+SILENT_RETRY_S = 60.0  # Flower marks a dead node offline after at most 2 missed 30 s heartbeats
 
 
 class FlowerPool:
@@ -46,6 +48,7 @@ class FlowerPool:
         self.console = console
         self.expected = expected  # classes and image shape every silo must have (once known)
         self.node_of: dict[int, int] = {}  # silo -> node id
+        self.silent_until: dict[int, float] = {}  # node -> when to ask it again after it did not answer
         self.exchanges = 0
 
     # -- one exchange of messages: push, then pull until every reply is in or the timeout passes
@@ -88,11 +91,14 @@ class FlowerPool:
         for silo, node in list(self.node_of.items()):
             if node not in online:
                 del self.node_of[silo]
-        new = sorted(online - set(self.node_of.values()))
+        now = time.monotonic()
+        new = sorted(node for node in online - set(self.node_of.values()) if self.silent_until.get(node, 0) <= now)
         if not new:
             return {}
         replies = self._exchange([(node, Request(-1, "describe", config=self.expected)) for node in new], timeout)
         for node, reply in replies.items():
+            if isinstance(reply, Failure):  # dead but not yet marked offline (Flower: up to 60 s): ask later
+                self.silent_until[node] = time.monotonic() + SILENT_RETRY_S
             if isinstance(reply, Reply) and "error" not in reply.config:
                 holder = self.node_of.get(reply.silo)
                 if holder is not None and holder != node:
@@ -154,21 +160,31 @@ def flower_federation(grid: Grid, cfg: Config, device: torch.device, console: Co
     t0 = time.monotonic()
     _wait_for_nodes(grid, n, cfg.runtime.wait_for_nodes_s)
     replies = pool.discover(cfg.runtime.round_timeout_s)
-    problems = [f"node {node}: {r.reason if isinstance(r, Failure) else r.config['error']}"
-                for node, r in replies.items() if isinstance(r, Failure) or "error" in r.config]
-    if problems:
-        raise FedgenError("SuperNodes refused the run:\n  " + "\n  ".join(problems))
-    described = {r.silo: r for r in replies.values() if isinstance(r, Reply)}
-    missing = [s for s in range(n) if s not in described]
-    if missing:
-        raise FedgenError(f"no SuperNode holds silos {missing} after {cfg.runtime.wait_for_nodes_s:g}s "
-                          f"(runtime.wait_for_nodes_s); online: {sorted(pool.node_of.items())} (silo, node)")
-    extra = sorted(set(described) - set(range(n)))
+    refused = [f"node {node} (silo {r.silo}): {r.config['error']}" for node, r in replies.items()
+               if isinstance(r, Reply) and "error" in r.config]
+    if refused:  # a silo whose data does not fit the run: the run cannot start
+        raise FedgenError("SuperNodes refused the run:\n  " + "\n  ".join(refused))
+    for node, r in replies.items():
+        if isinstance(r, Failure):
+            console.print(f"[yellow]node {node} did not answer:[/] {r.reason}", highlight=False)
+    silos = {r.silo: SiloInfo(r.silo, int(r.config["size"]), list(r.config["counts"]))
+             for r in replies.values() if isinstance(r, Reply)}
+    extra = sorted(set(silos) - set(range(n)))
     if extra:
         raise FedgenError(f"SuperNodes hold silos {extra}, but the run has fl.clients={n} (silos 0..{n - 1})")
-    console.print(f"{n} silos on {len(pool.node_of)} SuperNodes ({time.monotonic() - t0:.1f}s): "
+    missing = [s for s in range(n) if s not in silos]
+    if missing and (out / "partition.json").exists():  # resuming: the run already knows their sizes
+        known = Partition.load(out / "partition.json")
+        for s in missing:
+            silos[s] = SiloInfo(s, int(known.counts[s].sum()), known.counts[s].tolist())
+        console.print(f"[yellow]silos {missing} have no SuperNode online;[/] they count as missing in the rounds "
+                      "that select them until their node (re)joins", highlight=False)
+    elif missing:
+        raise FedgenError(f"no SuperNode answered for silos {missing} within {cfg.runtime.wait_for_nodes_s:g}s "
+                          f"(runtime.wait_for_nodes_s); online: {sorted(pool.node_of.items())} (silo, node)")
+    console.print(f"{n} silos, {len(pool.node_of)} on SuperNodes ({time.monotonic() - t0:.1f}s): "
                   + ", ".join(f"silo {s} -> node {node}" for s, node in sorted(pool.node_of.items())), highlight=False)
-    silos = [SiloInfo(s, int(described[s].config["size"]), list(described[s].config["counts"])) for s in range(n)]
+    silos = [silos[s] for s in range(n)]
     test = ClientData(to_tensor(reference.test.images), torch.from_numpy(reference.test.labels)) \
         if reference is not None else None
     yield Federation(pool, silos, list(pool.expected["classes"]), tuple(pool.expected["image_shape"]),
