@@ -121,16 +121,18 @@ def test_tstr_defaults_to_the_training_set_size_and_class_counts(digits_domain, 
     ds, _, _ = digits_domain
     seen = []
 
-    def fake_generate(model, cfg, labels, image_shape, ev, seed, num_classes, progress=None, purpose=""):
+    def fake_generate(generator, labels, seed, progress=None, purpose=""):
         seen.append(labels)
         x = to_tensor(ds.train.images[:1]).expand(len(labels), -1, -1, -1)
         return E.Generated(x, labels, 0.0)
 
     monkeypatch.setattr(E, "generate", fake_generate)
-    model = torch.nn.Linear(1, 1)
+    from fedgen.models.labelled import DiffusionSampler
+
     cfg = C.load("smoke")
+    generator = DiffusionSampler(torch.nn.Linear(1, 1), cfg.diffusion, (1, 8, 8), None)
     ev = cfg.eval.model_copy(update={"tstr": True, "classifier_epochs": 6})
-    record = E.evaluate_model(model, cfg, ds, ev, log=lambda m: None)
+    record = E.evaluate_model(generator, cfg, ds, ev, log=lambda m: None)
     fid_labels, tstr_labels = seen
     assert torch.bincount(fid_labels, minlength=10).tolist() == np.bincount(ds.test.labels, minlength=10).tolist()
     assert torch.bincount(tstr_labels, minlength=10).tolist() == np.bincount(ds.train.labels, minlength=10).tolist()

@@ -125,7 +125,8 @@ def test_nan_loss_aborts_round_and_keeps_last_checkpoint(smoke_run, tmp_path, mo
         return real_loss(*args, **kwargs) * float("nan")
 
     monkeypatch.setattr(client_mod, "diffusion_loss", poisoned)
-    with pytest.raises(TrainingAborted, match=r"round 4 aborted: 0 of 3 clients.*client \d+, round 4: loss is nan.*round 3"):
+    with pytest.raises(TrainingAborted,
+                       match=r"round 4 aborted: 0 of 3 clients.*client \d+, round 4: loss is nan.*round 3"):
         train(C.load("smoke", overrides=["fl.rounds=4"]), out, QUIET)
     run = RunDir(out)
     assert run.committed_rounds()[-1] == 3
@@ -158,8 +159,7 @@ def test_label_dropout_trains_a_null_class_for_guidance(tmp_path):
     train(C.load("smoke", overrides=["fl.rounds=1", "train.label_dropout=0.2"]), out, QUIET)
     loaded = load_run_model(out)
     assert loaded.model.config.num_class_embeds == 11  # ten classes + the null label
-    sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, 2, tmp_path / "g.png",
-                guidance=2.0)
+    sample_grid(loaded.sampler(guidance=2.0), loaded.classes, 2, tmp_path / "g.png")
     assert (tmp_path / "g.png").exists()
 
 

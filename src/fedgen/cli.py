@@ -140,7 +140,7 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="grid PNG")],
     n: Annotated[int, typer.Option(min=1, help="number of images (rounded up to a full row per class)")] = 64,
     client: Annotated[int | None, typer.Option(help="sample client N's own final local model")] = None,
-    sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver")] = "ddpm",
+    sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver (diffusion runs)")] = "ddpm",
     steps: Annotated[int | None, typer.Option(help="network evaluations (default: T for ddpm, 50 otherwise)")] = None,
     sigma: Annotated[str | None, typer.Option(help="ddpm variance: beta | beta-tilde (default: the config's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
@@ -148,20 +148,16 @@ def sample(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample a grid with one row per class from the global (or a client's) model."""
-    from fedgen.diffusion.sampling import check_options
-    from fedgen.models.unet import null_label
     from fedgen.report.grid import sample_grid
     from fedgen.runtime.models import load_run_model
 
     with _user_errors():
         loaded = load_run_model(run, client=client)
-        check_options(loaded.cfg.diffusion, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance,
-                      null_label=null_label(loaded.model, len(loaded.classes)))
+        generator = loaded.sampler(sampler, steps, sigma, guidance)  # checks the options before any work
         per_class = math.ceil(n / len(loaded.classes))
         with progress_bar(console) as progress:
-            sample_grid(loaded.model, loaded.cfg.diffusion, loaded.classes, loaded.image_shape, per_class, out,
-                        seed=seed, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance,
-                        with_palette=client is not None, progress=progress)
+            sample_grid(generator, loaded.classes, per_class, out, seed=seed, with_palette=client is not None,
+                        progress=progress)
     console.print(f"{per_class * len(loaded.classes)} samples ({per_class} per class) from {loaded.source}: {out}")
 
 
@@ -183,10 +179,8 @@ def evaluate(
 ) -> None:
     """FID/KID/IS/precision-recall (domain, and Inception with local weights) and TSTR; appends to metrics.jsonl."""
     from fedgen.data.prepare import load_reference
-    from fedgen.diffusion.sampling import check_options
     from fedgen.fl.rundir import RunDir
     from fedgen.metrics.evaluate import evaluate_model
-    from fedgen.models.unet import null_label
     from fedgen.runtime.models import load_run_model
 
     with _user_errors():
@@ -199,16 +193,25 @@ def evaluate(
         ev = config_mod.validate(config_mod.to_dict(loaded.cfg) | {"eval": eval_raw}).eval
         if guidance is not None:
             loaded.cfg.diffusion.guidance = guidance
-        check_options(loaded.cfg.diffusion, sampler=ev.sampler, steps=ev.steps, guidance=guidance,
-                      null_label=null_label(loaded.model, len(loaded.classes)))
+        if loaded.cfg.algorithm == "pga":
+            if sampler is not None or steps is not None or guidance is not None:
+                raise UsageError("a PGA run samples its generator directly: --sampler, --steps and --guidance are "
+                                 "for diffusion runs")
+            generator = loaded.sampler()
+        else:
+            generator = loaded.sampler(ev.sampler, ev.steps, None, guidance)  # checks the options before any work
         if ev.inception_weights:
             from fedgen.metrics.inception import check_inception_weights
 
             check_inception_weights(ev.inception_weights)
         ds = load_reference(loaded.cfg.data)
         with progress_bar(console) as progress:
-            record = evaluate_model(loaded.model, loaded.cfg, ds, ev, seed=seed,
+            record = evaluate_model(generator, loaded.cfg, ds, ev, seed=seed,
                                     log=lambda m: console.print(m, highlight=False), progress=progress)
+        if ev.tstr and client is None:
+            record |= _silo_baselines(run, loaded.cfg, ds, ev)
+            if "local_real_accuracy_mean" in record:
+                record["tstr_minus_local_mean"] = record["tstr_accuracy"] - record["local_real_accuracy_mean"]
     record = {"event": "evaluate", "round": loaded.round, "model": "global" if client is None else f"client {client}",
               **record}
     RunDir(run).log(record)
@@ -217,6 +220,31 @@ def evaluate(
         if key not in ("event", "round", "model"):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if "tstr_minus_local_mean" in record:  # the PGA paper's Tables 1-2
+        paper = Table("CNN trained on", "accuracy on the real test set", title="train on synthetic, test on real")
+        paper.add_row("each silo's own real data (mean)", f"{record['local_real_accuracy_mean']:.4f}")
+        paper.add_row(f"{record['tstr_generated']} generated images (global)", f"{record['tstr_accuracy']:.4f}")
+        paper.add_row("all real training data", f"{record['real_train_real_test_accuracy']:.4f}")
+        paper.add_row("global - local", f"{record['tstr_minus_local_mean']:+.4f}")
+        console.print(paper)
+
+
+def _silo_baselines(run: Path, cfg, ds, ev) -> dict:
+    """Each silo's CNN on its own real data (the PGA paper's "local" column), where this machine holds the run's
+    training data and its partition.json has the silos' indices (in-process and flower-sim runs)."""
+    import torch
+
+    from fedgen.data.prepare import load_for_config
+    from fedgen.data.transforms import to_tensor
+    from fedgen.fl.rundir import RunDir
+    from fedgen.metrics.tstr import silo_baselines
+
+    part, _ = RunDir(run).partition()
+    train = load_for_config(cfg.data, cfg.train.seed).train
+    console.print(f"training {len(part.client_indices)} silo baselines (each silo's CNN on its own data)")
+    return silo_baselines(to_tensor(train.images), torch.from_numpy(train.labels), part.client_indices,
+                          to_tensor(ds.test.images), torch.from_numpy(ds.test.labels), ds.num_classes,
+                          epochs=ev.classifier_epochs, seed=0)
 
 
 flower = typer.Typer(no_args_is_help=True, help="Deploy on Flower: certificates, a SuperLink, one SuperNode per silo.")

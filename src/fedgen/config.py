@@ -98,8 +98,8 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     bf16: bool = Field(False, description="bfloat16 autocast for the network (fast on CPUs with AMX)")
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads of each client's work (None: the process default). CPU results "
-        "are bit-identical across runtimes for equal thread counts; set it to compare runtimes"
+        None, ge=1, description="torch CPU threads of the run's work, at the silos and the coordinator (None: the "
+        "process default). CPU results are bit-identical across runtimes for equal thread counts"
     )
     label_dropout: float = Field(
         0.0, ge=0, lt=1, description="share of training labels replaced by a null class (enables classifier-free "
@@ -131,6 +131,28 @@ class EvalConfig(_Section):
     )
 
 
+class PGAConfig(_Section):
+    """Private generator aggregation (Han & Xue 2020; docs/DESIGN.md): one generator against the parties' own
+    discriminators. A round is `steps_per_round` generator steps; every step sends one message to each party."""
+
+    discriminators: list[str] = Field(
+        ["dcgan"], min_length=1, description="one discriminator kind per party, or one kind for all "
+        "(dcgan, resnet, wide, mlp, tiny)"
+    )
+    steps_per_round: int = Field(100, ge=1, description="generator steps per round (checkpoint and log unit)")
+    noise_ratio: float = Field(0.5, ge=0, description="sigma_i = noise_ratio * d_i on each party's loss "
+                               "(heuristic, no formal privacy guarantee); 0 turns it off")
+    aggregation: Literal["ratio", "mean", "literal"] = Field(
+        "ratio", description="ratio: representative's gradient scaled by mean(noised)/L_r (clamped to rho_max); "
+        "mean: mean of all parties' gradients; literal: representative's gradient alone"
+    )
+    rho_max: float = Field(5.0, gt=0, description="upper clamp of the ratio aggregation's scale")
+    z_dim: int = Field(100, ge=1)
+    width: int = Field(64, ge=4, description="generator base width")
+    lr_generator: float = Field(2e-4, gt=0)
+    lr_discriminator: float = Field(2e-4, gt=0)
+
+
 class RuntimeConfig(_Section):
     """Where clients run. None of it changes what a run computes, so it may change on an existing run."""
 
@@ -144,6 +166,8 @@ class RuntimeConfig(_Section):
 class Config(_Section):
     name: str = "fedgen"
     description: str = ""
+    algorithm: Literal["feddm", "pga"] = Field("feddm", description="feddm: federated diffusion (FedAvg of a "
+                                               "DDPM); pga: private generator aggregation (a GAN)")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -151,7 +175,27 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
+    pga: PGAConfig = PGAConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _pga_fits(self) -> Config:
+        if self.algorithm != "pga":
+            return self
+        from fedgen.models.gan import DISCRIMINATORS
+
+        kinds = self.pga.discriminators
+        if len(kinds) not in (1, self.fl.clients):
+            raise ValueError(f"pga.discriminators names {len(kinds)} kinds: give one per party "
+                             f"(fl.clients={self.fl.clients}) or one for all")
+        unknown = [k for k in kinds if k not in DISCRIMINATORS]
+        if unknown:
+            raise ValueError(f"pga.discriminators: unknown {unknown}; expected {', '.join(DISCRIMINATORS)}")
+        if self.fl.centralized:
+            raise ValueError("fl.centralized is a FedDM baseline; PGA's baselines are in `fedgen evaluate --tstr`")
+        if self.fl.clients_per_round not in (None, self.fl.clients):
+            raise ValueError("pga: every party takes part in every step (leave fl.clients_per_round unset)")
+        return self
 
 
 # Keys whose change on an existing run directory does not alter what the run computes.
@@ -161,6 +205,15 @@ RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_
                      "fl.min_clients", "fl.max_update_norm_ratio", "runtime.round_timeout_s",
                      "runtime.message_ttl_s", "runtime.wait_for_nodes_s", "runtime.sim_cpus_per_client",
                      "runtime.sim_cpus")
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def _paper(dataset: str, description: str, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +276,34 @@ def _build_presets() -> dict[str, dict[str, Any]]:
             dataset, f"centralized baseline on {dataset}: same model, all data, R x E epochs",
             fl={"centralized": True},
         )
+    zoo = ["dcgan", "resnet", "wide", "mlp", "tiny"]
+    for dataset, short in (("fashion-mnist", "fmnist"), ("mnist", "mnist")):
+        for parties in (1, 5, 10):
+            # the paper: 1 party 100 epochs at batch 256; 5 and 10 parties 200 epochs at batch 128. An epoch is one
+            # pass over a party's shard (60000 / parties images), i.e. that many generator steps; a round is one.
+            batch, epochs = (256, 100) if parties == 1 else (128, 200)
+            kinds = (zoo * 2)[:parties] if parties > 1 else ["dcgan"]
+            base = {"algorithm": "pga", "data": {"dataset": dataset, "partition": "iid"},
+                    "fl": {"clients": parties}, "pga": {"discriminators": kinds},
+                    "log": {"samples_per_class": 8, "loss_eval_samples": 0}}
+            presets[f"pga-{short}-{parties}"] = _deep_update(copy.deepcopy(base), {
+                "description": f"PGA as the paper on {dataset}: {parties} part{'y' if parties == 1 else 'ies'} "
+                f"({', '.join(kinds)}), {epochs} epochs at batch {batch}; GPU-sized",
+                "fl": {"rounds": epochs}, "train": {"batch_size": batch},
+                "pga": {"steps_per_round": -(-60000 // parties // batch)}})
+            presets[f"pga-{short}-{parties}-quick"] = _deep_update(copy.deepcopy(base), {
+                "description": f"PGA on {dataset}, {parties} part{'y' if parties == 1 else 'ies'}, CPU-scaled: "
+                "2,000 generator steps at batch 64 (about 15 minutes on 2 cores)",
+                "fl": {"rounds": 20}, "train": {"batch_size": 64}, "pga": {"steps_per_round": 100}})
+    presets["pga-smoke"] = {
+        "description": "PGA on scikit-learn digits: 3 parties, 3 discriminator kinds, seconds (tests, first look)",
+        "algorithm": "pga",
+        "data": {"dataset": "digits", "partition": "iid"},
+        "fl": {"clients": 3, "rounds": 2},
+        "train": {"batch_size": 32},
+        "pga": {"discriminators": ["dcgan", "resnet", "mlp"], "steps_per_round": 5, "width": 16},
+        "log": {"samples_per_class": 4, "loss_eval_samples": 0},
+    }
     presets["paper-ct"] = _paper(
         "image-folder",
         "the paper's CT-scan setting for an image folder of class sub-folders: 64x64, batch 128 "
@@ -235,15 +316,6 @@ def _build_presets() -> dict[str, dict[str, Any]]:
 
 PRESETS: dict[str, dict[str, Any]] = _build_presets()
 DEFAULT_PRESET = "fmnist-quick"  # what `fedgen train` builds on when no --preset is given
-
-
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def _parse_value(text: str) -> Any:

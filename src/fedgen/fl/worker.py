@@ -56,6 +56,21 @@ class SiloStateStore:
             self._file(r).unlink(missing_ok=True)
 
 
+def describe_silo(silo: int, data: ClientData, classes: list[str], request: Request) -> Reply:
+    """What a silo holds (size, per-class counts, classes, image shape), checked against the run's classes and
+    image shape where the request names them (any algorithm's `describe`)."""
+    shape = list(data.images.shape[1:])
+    want_classes, want_shape = request.config.get("classes"), request.config.get("image_shape")
+    if want_classes is not None and list(want_classes) != list(classes):
+        raise SiloDataError(f"silo {silo}: its data has classes {classes}, the run has {want_classes}")
+    if want_shape is not None and list(want_shape) != shape:
+        raise SiloDataError(f"silo {silo}: its images are {shape} (C, H, W), the run's are {list(want_shape)}")
+    if len(data) == 0:
+        raise SiloDataError(f"silo {silo} holds no images")
+    counts = torch.bincount(data.labels, minlength=len(classes)).tolist()
+    return Reply(silo, config={"size": len(data), "counts": counts, "classes": list(classes), "image_shape": shape})
+
+
 def train_settings(cfg: Config, num_classes: int) -> TrainSettings:
     t = cfg.train
     return TrainSettings(epochs=cfg.fl.local_epochs, batch_size=t.batch_size, lr=t.lr, hflip=cfg.data.hflip,
@@ -77,10 +92,6 @@ class FedDMWorker:
         self.store = store
         self.on_step = None  # set by a runtime that shows per-step progress
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.data.images.shape[1:])
-
     def handle(self, request: Request) -> Reply:
         if self.cfg.train.cpu_threads:
             torch.set_num_threads(self.cfg.train.cpu_threads)
@@ -90,17 +101,7 @@ class FedDMWorker:
         return handler(request)
 
     def _describe(self, request: Request) -> Reply:
-        want_classes, want_shape = request.config.get("classes"), request.config.get("image_shape")
-        if want_classes is not None and list(want_classes) != list(self.classes):
-            raise SiloDataError(f"silo {self.silo}: its data has classes {self.classes}, the run has {want_classes}")
-        if want_shape is not None and list(want_shape) != list(self.image_shape):
-            raise SiloDataError(f"silo {self.silo}: its images are {list(self.image_shape)} (C, H, W), the run's are "
-                                f"{list(want_shape)}")
-        if len(self.data) == 0:
-            raise SiloDataError(f"silo {self.silo} holds no images")
-        counts = torch.bincount(self.data.labels, minlength=len(self.classes)).tolist()
-        return Reply(self.silo, config={"size": len(self.data), "counts": counts, "classes": list(self.classes),
-                                        "image_shape": list(self.image_shape)})
+        return describe_silo(self.silo, self.data, self.classes, request)
 
     def _fit(self, request: Request) -> Reply:
         round_idx = int(request.config["round"])

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from fedgen.config import Config, EvalConfig
 from fedgen.data.sources import ImageDataset
 from fedgen.data.transforms import to_tensor
-from fedgen.diffusion.sampling import resolve_steps, sample
 from fedgen.metrics.features import Extractor, cache_dir, domain_extractor
 from fedgen.metrics.generative import generative_metrics
 from fedgen.metrics.tstr import tstr_accuracy
@@ -53,25 +52,35 @@ class Generated:
     seconds: float
 
 
-def generate(model, cfg: Config, labels: torch.Tensor, image_shape, ev: EvalConfig, seed: int, num_classes: int,
-             progress: Progress | None = None, purpose: str = "") -> Generated:
-    """One labelled image per entry of `labels` with the evaluation sampler; a progress bar when given one."""
-    steps = resolve_steps(cfg.diffusion, ev.sampler, ev.steps)
+def generate(generator, labels: torch.Tensor, seed: int, progress: Progress | None = None,
+             purpose: str = "") -> Generated:
+    """One image per entry of `labels` from a labelled generator; a progress bar when given one."""
     t0 = time.perf_counter()
-    with task(progress, f"sampling {len(labels)} {purpose}".strip(), len(labels) * steps) as advance:
-        x = sample(model, cfg.diffusion, labels, image_shape, seed=seed, sampler=ev.sampler, steps=steps,
-                   null_label=null_label(model, num_classes), progress=advance)
+    with task(progress, f"sampling {len(labels)} {purpose}".strip(),
+              len(labels) * generator.evaluations_per_image) as advance:
+        x = generator.images(labels, seed, progress=advance)
     return Generated(x, labels, time.perf_counter() - t0)
+
+
+def evaluation_generator(model, cfg: Config, ev: EvalConfig, num_classes: int, image_shape):
+    """The labelled generator evaluation draws from: the run's diffusion model with the evaluation sampler and
+    steps, or the PGA generator."""
+    from fedgen.models.labelled import DiffusionSampler, GANSampler
+
+    if cfg.algorithm == "pga":
+        return GANSampler(model)
+    return DiffusionSampler(model, cfg.diffusion, tuple(image_shape), null_label(model, num_classes),
+                            sampler=ev.sampler, steps=ev.steps)
 
 
 def inception_weights_path(ev: EvalConfig) -> str | None:
     return ev.inception_weights or os.environ.get("FEDGEN_INCEPTION_WEIGHTS")
 
 
-def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed: int = 0, log=print,
+def evaluate_model(generator, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed: int = 0, log=print,
                    progress: Progress | None = None) -> dict:
-    """All metrics of `model` (a class-conditional eps U-Net) against the real splits of `ds`."""
-    device = next(model.parameters()).device
+    """All metrics of a labelled generator (models/labelled.py) against the real splits of `ds`."""
+    device = generator.device
     t0 = time.perf_counter()
     extractor, info = domain_extractor(ds, device=device, epochs=ev.classifier_epochs, log=log)
     key = info["cache_key"]
@@ -84,11 +93,8 @@ def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed
     else:
         log("no Inception weights given (--inception-weights or FEDGEN_INCEPTION_WEIGHTS): domain metrics only")
     n = ev.samples or len(ds.test.labels)
-    fake = generate(model, cfg, labels_like(ds.test.labels, n, ds.num_classes), ds.image_shape, ev, seed,
-                    ds.num_classes, progress, "(FID set)")
-    record: dict = {"sampler": ev.sampler, "steps": resolve_steps(cfg.diffusion, ev.sampler, ev.steps),
-                    "generated": n,
-                    "guidance": cfg.diffusion.guidance,
+    fake = generate(generator, labels_like(ds.test.labels, n, ds.num_classes), seed, progress, "(FID set)")
+    record: dict = {**generator.describe(), "generated": n,
                     "sampling_s": round(fake.seconds, 2),
                     "domain_classifier": key,
                     "domain_classifier_real_test_accuracy": info["real_test_accuracy"]}
@@ -99,8 +105,7 @@ def evaluate_model(model, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed
         record[f"notes_{ex.name}"] = ex.note
     if ev.tstr:
         m = ev.tstr_samples or len(ds.train.labels)
-        syn = generate(model, cfg, labels_like(ds.train.labels, m, ds.num_classes), ds.image_shape, ev, seed + 1,
-                       ds.num_classes, progress, "(TSTR set)")
+        syn = generate(generator, labels_like(ds.train.labels, m, ds.num_classes), seed + 1, progress, "(TSTR set)")
         record["tstr_accuracy"] = tstr_accuracy(syn.images, syn.labels, to_tensor(ds.test.images),
                                                 torch.from_numpy(ds.test.labels), ds.num_classes,
                                                 epochs=ev.classifier_epochs, seed=info["seed"], device=device)

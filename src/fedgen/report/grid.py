@@ -46,25 +46,20 @@ def grid_labels(num_classes: int, per_class: int) -> np.ndarray:
     return np.repeat(np.arange(num_classes), per_class)
 
 
-def sample_grid(model, diffusion_cfg, classes: list[str], image_shape: tuple[int, int, int], per_class: int,
-                path: Path, *, seed: int = 0, sampler: str = "ddpm", steps: int | None = None,
-                sigma: str | None = None, guidance: float | None = None, with_palette: bool = False,
-                progress=None) -> None:
-    """Sample `per_class` images of every class from `model` and write them as a grid, optionally with the
-    k-means palette of the samples' pixels drawn above it (the paper's Fig. 4/5 for personalised models)."""
+def sample_grid(generator, classes: list[str], per_class: int, path: Path, *, seed: int = 0,
+                with_palette: bool = False, progress=None) -> None:
+    """Draw `per_class` images of every class from a labelled generator (models/labelled.py) and write them as a
+    grid, optionally with the k-means palette of the samples' pixels drawn above it (the paper's Fig. 4/5 for
+    personalised models)."""
     import torch
 
     from fedgen.data.transforms import to_uint8
-    from fedgen.diffusion.sampling import resolve_steps, sample
-    from fedgen.models.unet import null_label
     from fedgen.report.progress import task
 
     labels = grid_labels(len(classes), per_class)
-    total = len(labels) * resolve_steps(diffusion_cfg, sampler, steps)
+    total = len(labels) * generator.evaluations_per_image
     with task(progress, f"sampling {len(labels)} (grid)", total) as advance:
-        x = sample(model, diffusion_cfg, torch.from_numpy(labels), image_shape, seed=seed, sampler=sampler,
-                   steps=steps, sigma=sigma, guidance=guidance, null_label=null_label(model, len(classes)),
-                   progress=advance)
+        x = generator.images(torch.from_numpy(labels), seed, progress=advance)
     images = to_uint8(x)
     header = None
     if with_palette:

@@ -38,7 +38,8 @@ class InProcessPool:
                   len(requests)) as client_done:
             for request in requests:
                 worker = self.workers[request.silo]
-                steps = worker.settings.epochs * -(-len(worker.data) // worker.settings.batch_size)
+                steps = worker.settings.epochs * -(-len(worker.data) // worker.settings.batch_size) \
+                    if request.kind == "fit" else 0
                 with task(progress if request.kind == "fit" else None, f"client {request.silo}: steps",
                           steps) as step_done:
                     worker.on_step = step_done
@@ -58,11 +59,18 @@ def in_process_federation(cfg: Config, device: torch.device, console: Console, r
     partition = Partition.load(run_dir / "partition.json") if run_dir and (run_dir / "partition.json").exists() \
         else None
     exp = Experiment.build(cfg, device, partition)
-    workers = {
-        c.client_id: FedDMWorker(cfg, c.client_id, c.data, exp.dataset.classes, exp.model, exp.scheduler, device,
-                                 SiloStateStore(RunDir(run_dir).silo_state(c.client_id)) if run_dir else None)
-        for c in exp.clients
-    }
+
+    def store(silo: int) -> SiloStateStore | None:
+        return SiloStateStore(RunDir(run_dir).silo_state(silo)) if run_dir else None
+
+    if cfg.algorithm == "pga":
+        from fedgen.gan.party import PGAParty
+
+        workers = {c.client_id: PGAParty(cfg, c.client_id, c.data, exp.dataset.classes, device, store(c.client_id))
+                   for c in exp.clients}
+    else:
+        workers = {c.client_id: FedDMWorker(cfg, c.client_id, c.data, exp.dataset.classes, exp.model, exp.scheduler,
+                                            device, store(c.client_id)) for c in exp.clients}
     silos = [SiloInfo(c.client_id, len(c.data), exp.partition.counts[c.client_id].tolist()) for c in exp.clients]
     yield Federation(InProcessPool(workers), silos, exp.dataset.classes, exp.dataset.image_shape, exp.partition,
                      exp.test, exp.reference, "in-process")

@@ -42,6 +42,8 @@ def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederat
     resuming = run.check(cfg)
     run.check_rounds(cfg)
     device = resolve_device(cfg.train.device)
+    if cfg.train.cpu_threads:  # the coordinator's own work (PGA's generator) is thread-count dependent too
+        torch.set_num_threads(cfg.train.cpu_threads)
     console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
                   f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
     console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
@@ -53,97 +55,138 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console
     run.write_config(cfg)
     if not run.partition_path.exists():
         fed.partition.save(run.partition_path)
-    model = new_model(cfg, fed.image_shape, fed.num_classes, device)
-    scheduler = ddpm_scheduler(cfg.diffusion)
+    ctx = _Context(cfg, run, fed, device, console)
+    algorithm = make_algorithm(ctx)
     ckpt = run.load_checkpoint(device)
-    meta = {"image_shape": list(fed.image_shape), "classes": fed.classes, "dataset": cfg.data.dataset}
+    meta = {"image_shape": list(fed.image_shape), "classes": fed.classes, "dataset": cfg.data.dataset,
+            "algorithm": cfg.algorithm}
     if ckpt is None:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         start = 0
         run.truncate_metrics(0)
-        run.log({"event": "start", "device": str(device), "runtime": fed.where,
-                 "num_params": sum(p.numel() for p in model.parameters()), "client_sizes": fed.sizes, **meta})
+        run.log({"event": "start", "device": str(device), "runtime": fed.where, "algorithm": cfg.algorithm,
+                 "num_params": sum(p.numel() for p in ctx.model.parameters()), "client_sizes": fed.sizes, **meta})
     else:
-        state, start = ckpt.global_state, ckpt.round
+        start = ckpt.round
+        algorithm.restore(ckpt.global_state, ckpt.optimizer_state)
         run.truncate_metrics(start)
         run.log({"event": "resume", "after_round": start, "runtime": fed.where})
         console.print(f"resuming after round {start} (last complete checkpoint)")
     rounds = cfg.fl.rounds
-    ctx = _Context(cfg, run, fed, model, scheduler, device, console)
     if start >= rounds:
         console.print(f"run already has {start} rounds (fl.rounds={rounds}); nothing to train")
-        _write_final_samples(ctx, rounds, state)
+        _write_final_samples(ctx, algorithm, rounds)
         return run
-    per_round = 1 if cfg.fl.centralized else cfg.fl.k
-    server = FedAvgServer(len(fed.silos), per_round, cfg.train.seed, state, cfg.fl.max_update_norm_ratio)
     with progress_bar(console) as progress:
         ctx.progress = progress
         rounds_task = progress.add_task("rounds", total=rounds, completed=start)
         for r in range(start, rounds):
-            state = _round(ctx, server, r, meta)
+            t0 = time.perf_counter()
+            record, client_states = algorithm.round(r)
+            record["time_s"] = round(time.perf_counter() - t0, 3)
+            # commit first: the round record, then the checkpoint. Samples and evaluation come after, so a failed
+            # or killed evaluation never loses the round and a resume never repeats it.
+            run.log(record)
+            run.save_checkpoint(Checkpoint(r + 1, algorithm.state, algorithm.optimizer_state, meta), client_states,
+                                keep=cfg.log.keep_checkpoints)
+            console.print(f"round {r + 1}/{rounds}: {algorithm.summary(record)}, {record['time_s']:.1f}s",
+                          highlight=False)
             progress.advance(rounds_task)
             last_round = r + 1 == rounds
             if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):
-                _after_commit(ctx, r + 1, "samples", partial(_write_samples, ctx, state,
+                _after_commit(ctx, r + 1, "samples", partial(_write_samples, ctx, algorithm,
                                                              run.samples / f"round_{r + 1:04d}.png"))
             if cfg.eval.every and ((r + 1) % cfg.eval.every == 0 or last_round):
-                _after_commit(ctx, r + 1, "evaluate", partial(_log_evaluation, ctx, r + 1, state))
-    _write_final_samples(ctx, rounds, state)
+                _after_commit(ctx, r + 1, "evaluate", partial(_log_evaluation, ctx, algorithm, r + 1))
+    _write_final_samples(ctx, algorithm, rounds)
     return run
 
 
 class _Context:
-    def __init__(self, cfg, run, fed, model, scheduler, device, console):
-        self.cfg, self.run, self.fed, self.model, self.scheduler = cfg, run, fed, model, scheduler
-        self.device, self.console = device, console
+    """What an algorithm's rounds need: the config, run directory, silos, device, console and progress."""
+
+    def __init__(self, cfg, run, fed, device, console):
+        self.cfg, self.run, self.fed, self.device, self.console = cfg, run, fed, device, console
+        self.model: torch.nn.Module | None = None
         self.progress: Progress | None = None
 
-
-def _round(ctx: _Context, server: FedAvgServer, r: int, meta: dict) -> State:
-    """One round, committed: fit on the selected silos, screen and aggregate, log, checkpoint."""
-    cfg, run, fed = ctx.cfg, ctx.run, ctx.fed
-    t0 = time.perf_counter()
-    selected = server.select(r)
-    sent = [Request(silo, "fit", {"global": server.global_state}, {"round": r}) for silo in selected]
-    replies = fed.pool.send(sent, timeout=cfg.runtime.round_timeout_s, progress=ctx.progress)
-    screened = server.screen(selected, replies)
-    if len(screened.accepted) < cfg.fl.min_clients:
-        last = run.committed_rounds()
+    def abort(self, round_idx: int, accepted: int, asked: int, rejected: dict[int, str]) -> TrainingAborted:
+        last = self.run.committed_rounds()
         where = f"round {last[-1]}" if last else "none yet (no round completed)"
-        why = "; ".join(f"client {s}: {reason}" for s, reason in screened.rejected.items())
-        raise TrainingAborted(
-            f"round {r + 1} aborted: {len(screened.accepted)} of {len(selected)} clients returned a usable update, "
-            f"fewer than fl.min_clients={cfg.fl.min_clients} ({why}). Nothing was written for this round; the last "
-            f"good checkpoint in {run.checkpoints} is {where}; rerun the same command to resume from it."
+        why = "; ".join(f"client {s}: {reason}" for s, reason in rejected.items())
+        return TrainingAborted(
+            f"round {round_idx + 1} aborted: {accepted} of {asked} clients returned a usable update, fewer than "
+            f"fl.min_clients={self.cfg.fl.min_clients} ({why}). Nothing was written for this round; the last good "
+            f"checkpoint in {self.run.checkpoints} is {where}; rerun the same command to resume from it."
         )
-    for silo, reason in screened.rejected.items():
-        ctx.console.print(f"[yellow]round {r + 1}: client {silo} left out:[/] {reason}", highlight=False)
-    state = server.aggregate(screened.accepted)
-    train_time = time.perf_counter() - t0
-    ok = sorted(screened.accepted)
-    record = {
-        "event": "round", "round": r + 1, "clients": selected, "aggregated": ok,
-        "rejected": {str(s): reason for s, reason in screened.rejected.items()},
-        "local_train_loss": {str(s): replies[s].config["mean_loss"] for s in ok},
-        **_global_losses(ctx, state, ok),
-        "train_time_s": round(train_time, 3),
-        "bytes_down": sum(payload_nbytes(q.arrays) for q in sent),
-        "bytes_up": sum(payload_nbytes(rep.arrays) for rep in replies.values() if isinstance(rep, Reply)),
-    }
-    record["time_s"] = round(time.perf_counter() - t0, 3)
-    # commit first: the round record, then the checkpoint. Samples and evaluation come after, so a failed or
-    # killed evaluation never loses the round and a resume never repeats it.
-    run.log(record)
-    run.save_checkpoint(Checkpoint(r + 1, state, None, meta), {s: screened.accepted[s][0] for s in ok},
-                        keep=cfg.log.keep_checkpoints)
-    test = f"test loss {record['global_test_loss']:.4f}, " if record.get("global_test_loss") is not None else ""
-    ctx.console.print(f"round {r + 1}/{cfg.fl.rounds}: {test}mean client loss "
-                      f"{record['global_client_loss_mean']:.4f}, {len(ok)}/{len(selected)} clients, "
-                      f"{record['time_s']:.1f}s", highlight=False)
-    return state
 
 
-def _global_losses(ctx: _Context, state: State, silos: list[int]) -> dict:
+def make_algorithm(ctx: _Context):
+    if ctx.cfg.algorithm == "pga":
+        from fedgen.gan.generator import PGARounds
+
+        return PGARounds(ctx)
+    return FedDMRounds(ctx)
+
+
+class FedDMRounds:
+    """FedDM's server side (Algorithm 1): per round, select K silos, fit, screen, FedAvg, the silos' losses."""
+
+    def __init__(self, ctx: _Context):
+        cfg, fed = ctx.cfg, ctx.fed
+        self.ctx = ctx
+        ctx.model = new_model(cfg, fed.image_shape, fed.num_classes, ctx.device)
+        self.scheduler = ddpm_scheduler(cfg.diffusion)
+        state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        per_round = 1 if cfg.fl.centralized else cfg.fl.k
+        self.server = FedAvgServer(len(fed.silos), per_round, cfg.train.seed, state, cfg.fl.max_update_norm_ratio)
+        self.optimizer_state = None  # the centralized baseline's Adam state lives with its silo
+
+    @property
+    def state(self) -> State:
+        return self.server.global_state
+
+    def restore(self, state: State, optimizer_state) -> None:
+        self.server.global_state = state
+
+    def sampler(self):
+        from fedgen.models.labelled import DiffusionSampler
+        from fedgen.models.unet import null_label
+
+        self.ctx.model.load_state_dict(self.state)
+        return DiffusionSampler(self.ctx.model, self.ctx.cfg.diffusion, self.ctx.fed.image_shape,
+                                null_label(self.ctx.model, self.ctx.fed.num_classes))
+
+    def summary(self, record: dict) -> str:
+        test = f"test loss {record['global_test_loss']:.4f}, " if record.get("global_test_loss") is not None else ""
+        return (f"{test}mean client loss {record['global_client_loss_mean']:.4f}, "
+                f"{len(record['aggregated'])}/{len(record['clients'])} clients")
+
+    def round(self, r: int) -> tuple[dict, dict[int, State]]:
+        ctx, cfg, server = self.ctx, self.ctx.cfg, self.server
+        t0 = time.perf_counter()
+        selected = server.select(r)
+        sent = [Request(silo, "fit", {"global": server.global_state}, {"round": r}) for silo in selected]
+        replies = ctx.fed.pool.send(sent, timeout=cfg.runtime.round_timeout_s, progress=ctx.progress)
+        screened = server.screen(selected, replies)
+        if len(screened.accepted) < cfg.fl.min_clients:
+            raise ctx.abort(r, len(screened.accepted), len(selected), screened.rejected)
+        for silo, reason in screened.rejected.items():
+            ctx.console.print(f"[yellow]round {r + 1}: client {silo} left out:[/] {reason}", highlight=False)
+        state = server.aggregate(screened.accepted)
+        ok = sorted(screened.accepted)
+        record = {
+            "event": "round", "round": r + 1, "clients": selected, "aggregated": ok,
+            "rejected": {str(s): reason for s, reason in screened.rejected.items()},
+            "local_train_loss": {str(s): replies[s].config["mean_loss"] for s in ok},
+            **_global_losses(ctx, self.scheduler, state, ok),
+            "train_time_s": round(time.perf_counter() - t0, 3),
+            "bytes_down": sum(payload_nbytes(q.arrays) for q in sent),
+            "bytes_up": sum(payload_nbytes(rep.arrays) for rep in replies.values() if isinstance(rep, Reply)),
+        }
+        return record, {s: screened.accepted[s][0] for s in ok}
+
+
+def _global_losses(ctx: _Context, scheduler, state: State, silos: list[int]) -> dict:
     """The new global model's DDPM loss on each participating silo's data (computed by the silo) and on the real
     test set (computed by the coordinator, where it has one)."""
     n = ctx.cfg.log.loss_eval_samples
@@ -159,7 +202,7 @@ def _global_losses(ctx: _Context, state: State, silos: list[int]) -> dict:
     if ctx.fed.test is None:
         return out | {"global_test_loss": None, "global_test_loss_at": "not computed (no test set at the server)"}
     ctx.model.load_state_dict(state)
-    test = evaluation_loss(ctx.model, ctx.scheduler, ctx.fed.test, max_samples=4 * n, seed=ctx.cfg.train.seed,
+    test = evaluation_loss(ctx.model, scheduler, ctx.fed.test, max_samples=4 * n, seed=ctx.cfg.train.seed,
                            key="test", device=ctx.device)
     return out | {"global_test_loss": test, "global_test_loss_at": "server"}
 
@@ -174,35 +217,36 @@ def _after_commit(ctx: _Context, round_idx: int, what: str, work) -> None:
                           f"{exc}); the round is committed and training goes on")
 
 
-def _write_final_samples(ctx: _Context, rounds: int, state: State) -> None:
+def _write_final_samples(ctx: _Context, algorithm, rounds: int) -> None:
     """samples/final.png: the last round's grid, drawn now if it is missing (failed or interrupted)."""
     run = ctx.run
     last = run.samples / f"round_{rounds:04d}.png"
     if not last.exists():
-        _write_samples(ctx, state, last)
+        _write_samples(ctx, algorithm, last)
     (run.samples / "final.png").write_bytes(last.read_bytes())
     ctx.console.print(f"done: samples in {run.samples / 'final.png'}, checkpoints in {run.checkpoints}")
 
 
-def _write_samples(ctx: _Context, state: State, path: Path) -> None:
-    ctx.model.load_state_dict(state)
+def _write_samples(ctx: _Context, algorithm, path: Path) -> None:
     t0 = time.perf_counter()
-    sample_grid(ctx.model, ctx.cfg.diffusion, ctx.fed.classes, ctx.fed.image_shape, ctx.cfg.log.samples_per_class,
-                path, seed=ctx.cfg.train.seed, progress=ctx.progress)
+    sample_grid(algorithm.sampler(), ctx.fed.classes, ctx.cfg.log.samples_per_class, path, seed=ctx.cfg.train.seed,
+                progress=ctx.progress)
     ctx.console.print(f"samples: {path} ({time.perf_counter() - t0:.1f}s)")
 
 
-def _log_evaluation(ctx: _Context, round_idx: int, state: State) -> None:
-    ctx.run.log({"event": "evaluate", "round": round_idx, "model": "global", **_evaluate(ctx, state)})
+def _log_evaluation(ctx: _Context, algorithm, round_idx: int) -> None:
+    ctx.run.log({"event": "evaluate", "round": round_idx, "model": "global", **_evaluate(ctx, algorithm)})
 
 
-def _evaluate(ctx: _Context, state: State) -> dict:
+def _evaluate(ctx: _Context, algorithm) -> dict:
     from fedgen.metrics.evaluate import evaluate_model
 
     if ctx.fed.reference is None:
         raise FedgenError("the coordinating side has no copy of the dataset to evaluate against")
-    ctx.model.load_state_dict(state)
-    record = evaluate_model(ctx.model, ctx.cfg, ctx.fed.reference, ctx.cfg.eval, seed=ctx.cfg.train.seed,
+    generator = algorithm.sampler()
+    if hasattr(generator, "sampler"):  # diffusion: the evaluation sampler and steps
+        generator.sampler, generator.steps = ctx.cfg.eval.sampler, ctx.cfg.eval.steps
+    record = evaluate_model(generator, ctx.cfg, ctx.fed.reference, ctx.cfg.eval, seed=ctx.cfg.train.seed,
                             log=lambda m: ctx.console.print(m, highlight=False), progress=ctx.progress)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("fid_", "is_", "tstr_acc"))
                       and not k.endswith("_std") and isinstance(v, float))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import UNet2DModel
 
 from fedgen.config import Config
@@ -15,11 +16,29 @@ from fedgen.fl.rundir import RunDir, RunDirError
 @dataclass
 class LoadedModel:
     cfg: Config
-    model: UNet2DModel
+    model: UNet2DModel | torch.nn.Module  # the U-Net, or PGA's generator
     classes: list[str]
     image_shape: tuple[int, int, int]
     round: int  # the round the model is from: the last committed round, or the client's last trained round
     source: str
+
+    def sampler(self, sampler: str = "ddpm", steps: int | None = None, sigma: str | None = None,
+                guidance: float | None = None):
+        """The labelled generator of this model (models/labelled.py); sampler options apply to diffusion runs."""
+        from fedgen.errors import UsageError
+        from fedgen.models.labelled import DiffusionSampler, GANSampler
+        from fedgen.models.unet import null_label
+
+        if self.cfg.algorithm == "pga":
+            if sampler != "ddpm" or steps is not None or sigma is not None or guidance is not None:
+                raise UsageError("a PGA run samples its generator directly: --sampler, --steps, --sigma and "
+                                 "--guidance are for diffusion runs")
+            return GANSampler(self.model)
+        generator = DiffusionSampler(self.model, self.cfg.diffusion, self.image_shape,
+                                     null_label(self.model, len(self.classes)), sampler, steps, sigma, guidance)
+        generator.check()
+        return generator
+
 
 
 def load_run_model(path: Path, client: int | None = None, device: str | None = None) -> LoadedModel:
@@ -30,10 +49,17 @@ def load_run_model(path: Path, client: int | None = None, device: str | None = N
     if ckpt is None:
         raise RunDirError(f"{path} has no completed round yet; train it first")
     classes, shape = ckpt.extra["classes"], tuple(ckpt.extra["image_shape"])
-    model = new_model(cfg, shape, len(classes), dev)
+    if cfg.algorithm == "pga":
+        if client is not None:
+            raise RunDirError("a PGA run has one model, the generator: parties keep discriminators, not generators")
+        from fedgen.gan.generator import new_generator
+
+        model = new_generator(cfg, shape, len(classes), dev)
+    else:
+        model = new_model(cfg, shape, len(classes), dev)
     if client is None:
         model.load_state_dict(ckpt.global_state)
-        source = f"the global model after round {ckpt.round}"
+        source = f"the {'generator' if cfg.algorithm == 'pga' else 'global model'} after round {ckpt.round}"
         return_round = ckpt.round
     else:
         state, trained_round = run.load_client_model(client, dev)

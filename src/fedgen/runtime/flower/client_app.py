@@ -47,6 +47,12 @@ def _worker(config_json: str, silo: int, data_path: str | None, state_dir: str):
         torch.set_num_threads(cfg.train.cpu_threads)
     device = resolve_device(cfg.train.device)
     data, classes = silo_data(cfg, silo, data_path)
+    if cfg.algorithm == "pga":
+        from fedgen.gan.party import PGAParty
+
+        # the next step may run in another process (a SuperNode starts one per message; simulation has several
+        # actors): the discriminator is written after every step
+        return PGAParty(cfg, silo, data, classes, device, SiloStateStore(Path(state_dir)), persist_each_step=True)
     model = new_model(cfg, tuple(data.images.shape[1:]), len(classes), device)
     return FedDMWorker(cfg, silo, data, classes, model, ddpm_scheduler(cfg.diffusion), device,
                        SiloStateStore(Path(state_dir)))
@@ -91,6 +97,11 @@ def fit(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@app.train("pga")
+def pga_step(msg: Message, context: Context) -> Message:
     return handle(msg, context)
 
 

@@ -13,7 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedgen.fl.protocol import Reply, Request
 
-MESSAGE_TYPES = {"describe": MessageType.QUERY, "fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+MESSAGE_TYPES = {"describe": MessageType.QUERY, "fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE,
+                 "pga-step": f"{MessageType.TRAIN}.pga"}
 _ARRAYS = "arrays."
 
 

@@ -442,3 +442,64 @@ def _follow(home: FlwrHome, run_id: str, follow: subprocess.Popen, echo: Callabl
 def _status(home: FlwrHome, run_id: str) -> dict:
     runs = _json(home.run("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60).stdout).get("runs")
     return runs[0] if runs else {}
+
+
+# ------------------------------------------------------------------------------ a whole deployment on this machine
+
+
+class LocalDeployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, started through fedgen's own commands, each in its own process
+    session with its log in `root`; `stop()` ends them by PID (SIGTERM; SIGKILL after 30 s). For tests,
+    benchmarks and trying a deployment out on one machine."""
+
+    def __init__(self, root: Path, port: int = 8000):
+        self.root = Path(root)
+        self.port = port
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def superlink(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{name}.log", "w") as log:
+            proc = subprocess.Popen([_bin("fedgen"), "flower", *args], stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=self.root, env=_env())
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self, certs: Path, timeout: float = 120) -> None:
+        self.start("superlink", "superlink", "--certs", str(certs), "--port", str(self.port))
+        self.wait_for("superlink", "SuperLink ready", timeout)
+
+    def start_supernode(self, certs: Path, silo: int, key: Path, *extra: str) -> None:
+        self.start(f"node{silo}", "supernode", "--superlink", self.superlink, "--certs", str(certs), "--key",
+                   str(key), "--partition-id", str(silo), "--port", str(self.port + 1 + silo), *extra)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def wait_for(self, name: str, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                raise DeploymentError(f"{name} did not say {text!r}:\n{_last_lines(self.log(name), 20)}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""PGA: the party (discriminator) side and the generator side of private generator aggregation."""

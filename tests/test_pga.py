@@ -1,0 +1,286 @@
+"""PGA: the discriminator zoo, the party step, the three aggregation modes, what crosses the wire, and whole runs
+in-process and on Flower's simulation engine."""
+
+import io
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedgen import config as C
+from fedgen.cli import app
+from fedgen.fl.client import ClientData
+from fedgen.fl.protocol import Reply, Request
+from fedgen.fl.rundir import RunDir
+from fedgen.gan.generator import PGARounds
+from fedgen.gan.party import PGAParty
+from fedgen.models.gan import DISCRIMINATORS, ConditionalGenerator, build_discriminator
+from fedgen.runtime.local import train
+
+QUIET = Console(file=io.StringIO())
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 8, 8)])
+def test_generator_and_every_discriminator_kind(shape):
+    g = ConditionalGenerator(shape, 10, z_dim=16, width=8)
+    x = g(torch.randn(4, 16), torch.arange(4))
+    assert x.shape == (4, *shape) and x.min() >= -1 and x.max() <= 1
+    sizes = {}
+    for kind in DISCRIMINATORS:
+        d = build_discriminator(kind, shape, 10)
+        assert d(x, torch.arange(4)).shape == (4,)
+        sizes[kind] = sum(p.numel() for p in d.parameters())
+        layer_kinds = {type(m).__name__ for m in d.modules()}
+        assert ("Conv2d" in layer_kinds) == (kind != "mlp")
+    assert len(set(sizes.values())) == len(DISCRIMINATORS)  # five different architectures
+
+
+def _party(noise_ratio=0.5, kind="dcgan", n=64):
+    cfg = C.load("pga-smoke", overrides=[f"pga.noise_ratio={noise_ratio}", f'pga.discriminators=["{kind}"]',
+                                         "pga.steps_per_round=1000"])
+    gen = torch.Generator().manual_seed(0)
+    data = ClientData(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(10, (n,), generator=gen))
+    return cfg, PGAParty(cfg, 0, data, [str(k) for k in range(10)], torch.device("cpu"))
+
+
+def _batch(b=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return {"fake1": torch.rand(b, 1, 8, 8, generator=gen) * 2 - 1, "labels1": torch.randint(10, (b,), generator=gen),
+            "fake2": torch.rand(b, 1, 8, 8, generator=gen) * 2 - 1, "labels2": torch.randint(10, (b,), generator=gen)}
+
+
+def test_party_step_is_the_protocol():
+    """d_i = BCE(D(fake1), 0) before the discriminator's step; g_i = BCE(D'(fake2), 1) with the updated D'; the
+    gradient is dg_i/dfake2; without noise g_noised == g."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    _, party = _party(noise_ratio=0.0)
+    batch = _batch()
+    before = {k: v.clone() for k, v in party.d.state_dict().items()}
+    party.d.train()
+    with torch.no_grad():
+        d_expected = float(bce(party.d(batch["fake1"], batch["labels1"]), torch.zeros(16)))
+    party.d.load_state_dict(before)
+    reply = party.handle(Request(0, "pga-step", {"batch": batch}, {"round": 0, "step": 0, "want_grad": True}))
+    assert reply.config["d"] == pytest.approx(d_expected, rel=1e-6)
+    assert any(not torch.equal(before[k], v) for k, v in party.d.state_dict().items())  # D took its step
+    fake2 = batch["fake2"].clone().requires_grad_(True)
+    g = bce(party.d(fake2, batch["labels2"]), torch.ones(16))
+    (grad,) = torch.autograd.grad(g, fake2)
+    assert reply.config["g"] == pytest.approx(float(g.detach()), rel=1e-6)
+    assert reply.config["g_noised"] == reply.config["g"]
+    torch.testing.assert_close(reply.arrays["grad"]["fake2"], grad)
+    no_grad = party.handle(Request(0, "pga-step", {"batch": batch}, {"round": 0, "step": 1, "want_grad": False}))
+    assert no_grad.arrays == {}
+
+
+def test_party_loss_noise_has_sd_ratio_times_d():
+    """(g_noised - g) / (ratio d_i) over n steps is N(0, 1): its mean within 4/sqrt(n), its variance within
+    4 sqrt(2/n) of 1."""
+    _, party = _party(noise_ratio=0.5)
+    z = []
+    for s in range(300):
+        rep = party.handle(Request(0, "pga-step", {"batch": _batch(seed=s)}, {"round": 0, "step": s}))
+        z.append((rep.config["g_noised"] - rep.config["g"]) / (0.5 * rep.config["d"]))
+    z = np.array(z)
+    assert abs(z.mean()) < 4 / math.sqrt(len(z)) and abs(z.var() - 1) < 4 * math.sqrt(2 / len(z))
+
+
+class _FakePool:
+    """Parties with fixed answers: g_i, g_noised_i and dg_i/dfake = c_i (a constant image) per party."""
+
+    def __init__(self, answers: dict[int, tuple[float, float, float]]):
+        self.answers = answers
+        self.requests = []
+
+    def send(self, requests, timeout, progress=None):
+        self.requests.extend(requests)
+        out = {}
+        for q in requests:
+            g, noised, c = self.answers[q.silo]
+            arrays = {"grad": {"fake2": torch.full_like(q.arrays["batch"]["fake2"], c)}} if q.config["want_grad"] \
+                else {}
+            out[q.silo] = Reply(q.silo, arrays, {"d": 0.5, "g": g, "g_noised": noised})
+        return out
+
+
+def _rounds(aggregation: str, answers, rho_max=5.0):
+    cfg = C.load("pga-smoke", overrides=[f"pga.aggregation={aggregation}", f"pga.rho_max={rho_max}"])
+    silos = [SimpleNamespace(silo=s) for s in range(3)]
+    fed = SimpleNamespace(image_shape=(1, 8, 8), num_classes=10, silos=silos, pool=_FakePool(answers))
+    ctx = SimpleNamespace(cfg=cfg, fed=fed, device=torch.device("cpu"), progress=None, model=None)
+    return PGARounds(ctx), fed.pool
+
+
+@pytest.mark.parametrize(("aggregation", "scale"), [("ratio", None), ("mean", None), ("literal", None),
+                                                    ("ratio", "clamped")])
+def test_generator_gradient_per_aggregation_mode(aggregation, scale):
+    answers = {0: (0.8, 0.9, 1.0), 1: (0.4, 0.5, 2.0), 2: (1.0, 1.3, 3.0)}
+    if scale == "clamped":
+        answers = {k: (g, noised * 100, c) for k, (g, noised, c) in answers.items()}
+    rounds, pool = _rounds(aggregation, answers)
+    seen = {}
+    rounds.opt.step = lambda: seen.setdefault("grads", {n: p.grad.clone() for n, p in rounds.g.named_parameters()})
+    out = rounds._step(0, 0)
+    r = out["representative"]
+    asked = {q.silo for q in pool.requests if q.config["want_grad"]}
+    assert asked == ({0, 1, 2} if aggregation == "mean" else {r})
+    noised_mean = np.mean([a[1] for a in answers.values()])
+    if aggregation == "mean":
+        c, rho = np.mean([a[2] for a in answers.values()]), 1.0
+    else:
+        c = answers[r][2]
+        rho = 1.0 if aggregation == "literal" else min(max(noised_mean / answers[r][0], 0), 5.0)
+    assert out["rho"] == pytest.approx(rho)
+    if scale == "clamped":
+        assert out["rho"] == 5.0
+    # the generator's parameter gradient is that of fake2 with d(loss)/d(fake2) = rho * c everywhere
+    import copy
+
+    from fedgen.seeding import generator as seeded
+
+    gen = seeded(rounds.cfg.train.seed, "pga-generator", 0, 0)  # the step's draws, in the step's order
+    b, zd = rounds.cfg.train.batch_size, rounds.cfg.pga.z_dim
+    torch.randn(b, zd, generator=gen)
+    z2 = torch.randn(b, zd, generator=gen)
+    torch.randint(10, (b,), generator=gen)
+    y2 = torch.randint(10, (b,), generator=gen)
+    g = copy.deepcopy(rounds.g).train()  # same weights: the optimizer step was held back
+    g.zero_grad()
+    g(z2, y2).backward(torch.full((b, 1, 8, 8), rho * c))
+    for name, p in g.named_parameters():
+        torch.testing.assert_close(seen["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_representative_is_uniform_over_parties():
+    """n steps, 3 parties: each is the representative Binomial(n, 1/3) times; within 4.5 standard deviations."""
+    rounds, _ = _rounds("literal", {0: (0.8, 0.9, 1.0), 1: (0.4, 0.5, 2.0), 2: (1.0, 1.3, 3.0)})
+    rounds.opt.step = lambda: None
+    n = 600
+    counts = np.bincount([rounds._step(0, s)["representative"] for s in range(n)], minlength=3)
+    sd = math.sqrt(n * (1 / 3) * (2 / 3))
+    assert np.all(np.abs(counts - n / 3) < 4.5 * sd), counts
+    assert [rounds._step(0, s)["representative"] for s in range(20)] == \
+        [rounds._step(0, s)["representative"] for s in range(20)]  # seeded
+
+
+def test_the_generator_side_sees_no_real_image_and_no_discriminator():
+    rounds, pool = _rounds("ratio", {0: (0.8, 0.9, 1.0), 1: (0.4, 0.5, 2.0), 2: (1.0, 1.3, 3.0)})
+    rounds._step(0, 0)
+    for q in pool.requests:
+        assert q.kind == "pga-step" and set(q.arrays) == {"batch"}
+        assert set(q.arrays["batch"]) == {"fake1", "labels1", "fake2", "labels2"}  # generated images and labels only
+    _, party = _party()
+    reply = party.handle(Request(0, "pga-step", {"batch": _batch()}, {"round": 0, "step": 0, "want_grad": True}))
+    assert set(reply.arrays) == {"grad"} and set(reply.arrays["grad"]) == {"fake2"}  # no weights, no real data
+    assert set(reply.config) == {"d", "g", "g_noised", "real_loss"}
+
+
+@pytest.fixture(scope="module")
+def pga_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pga") / "run"
+    train(C.load("pga-smoke", overrides=["train.cpu_threads=1"]), out, QUIET)
+    return out
+
+
+def test_pga_run_directory_and_resume(pga_run, tmp_path):
+    run = RunDir(pga_run)
+    records = [r for r in run.read_metrics() if r["event"] == "round"]
+    assert [r["round"] for r in records] == [1, 2] and records[0]["steps"] == 5
+    assert set(records[0]["d_mean"]) == {"0", "1", "2"} and sum(records[0]["representatives"].values()) == 5
+    assert "no formal guarantee" in records[0]["privacy"]
+    assert (run.checkpoints / "round_0002" / "optimizer.pt").exists()  # the generator's Adam state
+    assert (run.silo_state(1) / "round_0002.pt").exists()  # party 1's discriminator, kept by the party
+    assert (run.samples / "final.png").exists()
+    ext = tmp_path / "ext"
+    train(C.load("pga-smoke", overrides=["train.cpu_threads=1", "fl.rounds=1"]), ext, QUIET)
+    train(C.load("pga-smoke", overrides=["train.cpu_threads=1"]), ext, QUIET)
+    a = load_file(pga_run / "checkpoints" / "round_0002" / "global.safetensors")
+    b = load_file(ext / "checkpoints" / "round_0002" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed = uninterrupted, discriminators included
+
+
+def test_pga_killed_mid_round_resumes_bit_identically(pga_run, tmp_path, monkeypatch):
+    from fedgen.gan import party as party_mod
+
+    real_step = party_mod.PGAParty._step
+
+    def dies_in_round_2(self, request):
+        if request.config["round"] == 1 and request.config["step"] == 3 and self.silo == 2:
+            raise KeyboardInterrupt  # the process is killed in the middle of round 2
+        return real_step(self, request)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(party_mod.PGAParty, "_step", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(C.load("pga-smoke", overrides=["train.cpu_threads=1"]), out, QUIET)
+    assert RunDir(out).committed_rounds() == [1]
+    monkeypatch.undo()
+    train(C.load("pga-smoke", overrides=["train.cpu_threads=1"]), out, QUIET)
+    a = load_file(pga_run / "checkpoints" / "round_0002" / "global.safetensors")
+    b = load_file(out / "checkpoints" / "round_0002" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_party_whose_loss_turns_nan_stops_the_run_naming_it(tmp_path, monkeypatch):
+    from fedgen.gan import party as party_mod
+    from fedgen.runtime.loop import TrainingAborted
+
+    real_step = party_mod.PGAParty._step
+
+    def nan_party(self, request):
+        reply = real_step(self, request)
+        if self.silo == 1 and request.config["round"] == 1:
+            reply.config["g"] = float("nan")
+        return reply
+
+    monkeypatch.setattr(party_mod.PGAParty, "_step", nan_party)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingAborted, match=r"round 2 aborted at generator step 1: party 1's discriminator loss is "
+                                              r"NaN/Inf \(g\).*last good checkpoint is round 1"):
+        train(C.load("pga-smoke", overrides=["train.cpu_threads=1"]), out, QUIET)
+    assert RunDir(out).committed_rounds() == [1]
+
+
+def test_pga_on_flower_simulation_equals_in_process(pga_run, tmp_path):
+    from fedgen.runtime.flower.simulation import train_simulation
+
+    out = tmp_path / "sim"
+    train_simulation(C.load("pga-smoke", overrides=["train.cpu_threads=1", "runtime.sim_cpus=2"]), out, QUIET)
+    a = load_file(pga_run / "checkpoints" / "round_0002" / "global.safetensors")
+    b = load_file(out / "checkpoints" / "round_0002" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pga_sample_and_evaluate_with_baselines(pga_run, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    done = runner.invoke(app, ["sample", str(pga_run), "--n", "20", "--out", str(tmp_path / "g.png")])
+    assert done.exit_code == 0, done.output
+    assert "from the generator after round 2" in " ".join(done.output.split())
+    bad = runner.invoke(app, ["sample", str(pga_run), "--sampler", "ddim", "--out", str(tmp_path / "x.png")])
+    assert bad.exit_code == 1 and "for diffusion runs" in bad.output
+    done = runner.invoke(app, ["evaluate", str(pga_run), "--n", "100", "--tstr", "--tstr-samples", "300"])
+    assert done.exit_code == 0, done.output
+    record = json.loads((pga_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["sampler"] == "gan" and record["tstr_generated"] == 300
+    assert set(record["local_real_accuracy"]) == {"0", "1", "2"}
+    assert record["local_real_accuracy_mean"] == pytest.approx(np.mean(list(record["local_real_accuracy"].values())))
+    assert record["real_train_real_test_accuracy"] > record["local_real_accuracy_mean"] - 0.05
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (['pga.discriminators=["dcgan", "mlp"]'], "give one per party (fl.clients=3) or one for all"),
+    (['pga.discriminators=["vit"]'], "unknown ['vit']"),
+    (["fl.clients_per_round=2"], "every party takes part in every step"),
+    (["pga.aggregation=median"], "pga.aggregation"),
+])
+def test_bad_pga_config_names_the_field(overrides, message):
+    with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        C.load("pga-smoke", overrides=overrides)
