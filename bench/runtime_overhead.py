@@ -3,7 +3,8 @@
     .venv/bin/python bench/runtime_overhead.py [--workloads smoke,fmnist-quick] [--rounds 3]
         [--runtimes local,flower-sim,flower] [--out bench/results/runtime_overhead.json]
 
-Each (workload, runtime) trains a fresh run of the preset with `fl.rounds` set to --rounds and one CPU thread per
+Workloads are presets (FedDM or PGA; for PGA the table adds generator steps per second). Each (workload, runtime)
+trains a fresh run of the preset with `fl.rounds` set to --rounds and one CPU thread per
 client (so the three runtimes compute bit-identical weights), into bench/results/runtimes/. The deployment is a
 SuperLink and one SuperNode per silo on 127.0.0.1 with TLS and SuperNode authentication, started with fedgen's
 own commands and stopped by PID. Reported per run: the median per-round wall time (fit + the silos' loss
@@ -80,6 +81,8 @@ def main() -> None:
                          "median_round_s": per_round, "startup_s": round(wall - sum(r["time_s"] for r in rounds), 1),
                          "bytes_per_round": statistics.median(r["bytes_down"] + r["bytes_up"]
                                                               + r.get("bytes_eval_down", 0) for r in rounds)})
+            if "steps" in rounds[0]:  # PGA: generator steps per second
+                rows[-1]["generator_steps_per_s"] = round(rounds[0]["steps"] / per_round, 2)
             print(f"{preset:<13} {runtime:<10} median round {per_round:7.2f}s  wall {wall:7.1f}s", flush=True)
     for row in rows:
         base = next(r for r in rows if r["workload"] == row["workload"] and r["runtime"] == "local")

@@ -199,7 +199,8 @@ class Config(_Section):
 
 
 # Keys whose change on an existing run directory does not alter what the run computes.
-RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "description",
+RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "log.loss_eval_samples",
+                     "log.samples_per_class", "description",
                      "eval.every", "eval.samples", "eval.sampler", "eval.steps", "eval.tstr", "eval.tstr_samples",
                      "eval.inception_weights", "diffusion.sigma", "diffusion.guidance", "train.cpu_threads",
                      "fl.min_clients", "fl.max_update_norm_ratio", "runtime.round_timeout_s",
