@@ -86,8 +86,8 @@ def _dcgan(c: int, k: int, width: int, norm: bool) -> nn.Module:
 
 DISCRIMINATORS = {
     "dcgan": "DCGAN: two stride-2 convolutions (64, 128 channels) with BatchNorm and LeakyReLU",
-    "resnet": "residual: two residual blocks with average-pool downsampling (64, 128 channels)",
-    "wide": "wide and shallow: one 5x5 convolution with 256 channels, global pooling",
+    "resnet": "residual: two residual blocks with average-pool downsampling (32, 64 channels)",
+    "wide": "wide and shallow: one stride-2 5x5 convolution with 128 channels, global max pooling",
     "mlp": "MLP on the flattened image and one-hot label (512, 256 units), no convolutions",
     "tiny": "narrow DCGAN without normalisation (16, 32 channels)",
 }
@@ -101,11 +101,11 @@ def build_discriminator(kind: str, image_shape: tuple[int, int, int], num_classe
     if kind == "tiny":
         return _ConvD(_dcgan(c, k, 16, False), k)
     if kind == "resnet":
-        return _ConvD(nn.Sequential(_Residual(c + k, 64), _Residual(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                    nn.Linear(128, 1)), k)
+        return _ConvD(nn.Sequential(_Residual(c + k, 32), _Residual(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.Linear(64, 1)), k)
     if kind == "wide":
-        return _ConvD(nn.Sequential(nn.Conv2d(c + k, 256, 5, 1, 2), nn.LeakyReLU(0.2, True), nn.AdaptiveMaxPool2d(1),
-                                    nn.Flatten(), nn.Linear(256, 1)), k)
+        return _ConvD(nn.Sequential(nn.Conv2d(c + k, 128, 5, 2, 2), nn.LeakyReLU(0.2, True), nn.AdaptiveMaxPool2d(1),
+                                    nn.Flatten(), nn.Linear(128, 1)), k)
     if kind == "mlp":
         return _MLPD(image_shape, k)
     raise UsageError(f"unknown discriminator {kind!r}; expected one of {', '.join(DISCRIMINATORS)}")
