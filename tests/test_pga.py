@@ -284,3 +284,11 @@ def test_pga_sample_and_evaluate_with_baselines(pga_run, tmp_path, monkeypatch):
 def test_bad_pga_config_names_the_field(overrides, message):
     with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         C.load("pga-smoke", overrides=overrides)
+
+
+def test_an_image_side_the_networks_cannot_take_is_a_clear_error(tmp_path):
+    from fedgen.errors import UsageError
+
+    with pytest.raises(UsageError, match="image side divisible by 4, got 6x6; set data.image_size"):
+        train(C.load("pga-smoke", overrides=["data.image_size=6"]), tmp_path / "r", QUIET)
+    assert not (tmp_path / "r" / "config.toml").exists()

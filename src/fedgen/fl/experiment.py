@@ -55,7 +55,7 @@ class Experiment:
     device: torch.device
     dataset: ImageDataset
     partition: Partition
-    model: UNet2DModel
+    model: UNet2DModel | None  # the diffusion work buffer shared by in-process silos (None for PGA)
     scheduler: DDPMScheduler
     clients: list[DiffusionClient]
     test: ClientData
@@ -67,7 +67,7 @@ class Experiment:
             partition = make_partition(cfg, dataset.train.labels, dataset.num_classes)
         images = to_tensor(dataset.train.images)
         labels = torch.from_numpy(dataset.train.labels)
-        model = new_model(cfg, dataset.image_shape, dataset.num_classes, device)
+        model = new_model(cfg, dataset.image_shape, dataset.num_classes, device) if cfg.algorithm == "feddm" else None
         scheduler = ddpm_scheduler(cfg.diffusion)
         clients = [
             DiffusionClient(cid, ClientData(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)]),

@@ -52,11 +52,11 @@ def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederat
 
 
 def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console) -> RunDir:
+    ctx = _Context(cfg, run, fed, device, console)
+    algorithm = make_algorithm(ctx)  # a model that cannot take the data fails here, before anything is written
     run.write_config(cfg)
     if not run.partition_path.exists():
         fed.partition.save(run.partition_path)
-    ctx = _Context(cfg, run, fed, device, console)
-    algorithm = make_algorithm(ctx)
     ckpt = run.load_checkpoint(device)
     meta = {"image_shape": list(fed.image_shape), "classes": fed.classes, "dataset": cfg.data.dataset,
             "algorithm": cfg.algorithm}
