@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+THREADS = 2
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """Every test starts with the same CPU thread count: CPU results depend on it, and a run with
+    train.cpu_threads changes it for its duration."""
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -42,13 +42,17 @@ def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederat
     resuming = run.check(cfg)
     run.check_rounds(cfg)
     device = resolve_device(cfg.train.device)
+    previous_threads = torch.get_num_threads()
     if cfg.train.cpu_threads:  # the coordinator's own work (PGA's generator) is thread-count dependent too
         torch.set_num_threads(cfg.train.cpu_threads)
-    console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
-                  f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
-    console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
-    with open_federation(cfg, device, console) as fed:  # bad data fails here, before the directory is written
-        return _train(cfg, run, device, fed, console)
+    try:
+        console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
+                      f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
+        console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
+        with open_federation(cfg, device, console) as fed:  # bad data fails here, before the directory is written
+            return _train(cfg, run, device, fed, console)
+    finally:  # in-process silos set it too; leave the caller's process as it was
+        torch.set_num_threads(previous_threads)
 
 
 def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console) -> RunDir:
