@@ -2,6 +2,7 @@ import pytest
 import torch
 
 THREADS = 2
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
