@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/fedgen train --preset fmnist-quick --out runs/demo
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=8
 
 lint: setup
 	.venv/bin/ruff check src tests bench
