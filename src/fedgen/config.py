@@ -296,7 +296,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
             rounds = {1: 30, 5: 15, 10: 10}[parties]
             presets[f"pga-{short}-{parties}-quick"] = _deep_update(copy.deepcopy(base), {
                 "description": f"PGA on {dataset}, {parties} part{'y' if parties == 1 else 'ies'}, CPU-scaled: "
-                f"{rounds * 100:,} generator steps at batch 64 (about 15 minutes on 2 cores)",
+                f"{rounds * 100:,} generator steps at batch 64 (15-20 minutes on 2 cores)",
                 "fl": {"rounds": rounds}, "train": {"batch_size": 64}, "pga": {"steps_per_round": 100}})
     presets["pga-smoke"] = {
         "description": "PGA on scikit-learn digits: 3 parties, 3 discriminator kinds, seconds (tests, first look)",

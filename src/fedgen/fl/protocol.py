@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
+from fedgen.fl.aggregate import State, state_nbytes
 
-State = dict[str, torch.Tensor]
 Value = int | float | str | bool | list[int] | list[float] | list[str]
 
 
@@ -40,7 +39,7 @@ class Failure:
 
 
 def payload_nbytes(arrays: dict[str, State]) -> int:
-    return sum(t.numel() * t.element_size() for state in arrays.values() for t in state.values())
+    return sum(state_nbytes(state) for state in arrays.values())
 
 
 class Worker(Protocol):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedgen.fl.aggregate import State, fedavg, sample_clients, state_nbytes
+from fedgen.fl.aggregate import State, fedavg, sample_clients
 from fedgen.fl.protocol import Failure, Reply
 
 
@@ -79,7 +79,3 @@ class FedAvgServer:
         ids = sorted(accepted)
         self.global_state = fedavg([accepted[i][0] for i in ids], [accepted[i][1] for i in ids])
         return self.global_state
-
-    @property
-    def model_bytes(self) -> int:
-        return state_nbytes(self.global_state)
