@@ -79,8 +79,9 @@ class Experiment:
 
     @cached_property
     def reference(self) -> ImageDataset:
-        """The full real splits (not the training subset) that metrics compare against."""
-        return load_reference(self.cfg.data)
+        """The full real splits (not the training subset) that metrics compare against: the loaded dataset itself
+        unless `max_train_samples` took a subset of it."""
+        return self.dataset if self.cfg.data.max_train_samples is None else load_reference(self.cfg.data)
 
 
 def silo_data(cfg: Config, silo: int, data_path: str | None = None) -> tuple[ClientData, list[str]]:
@@ -88,7 +89,6 @@ def silo_data(cfg: Config, silo: int, data_path: str | None = None) -> tuple[Cli
     at the run's image size and channels; its training split), or, for tests and demos, its share of a dataset
     every node can read (the run's partition, recomputed from the config exactly as in-process)."""
     from fedgen.data.sources import load_dataset
-    from fedgen.errors import UsageError
 
     if data_path:
         d = cfg.data

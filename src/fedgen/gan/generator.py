@@ -25,6 +25,7 @@ import torch
 from fedgen.fl.aggregate import State
 from fedgen.fl.protocol import Reply, Request, payload_nbytes
 from fedgen.models.gan import ConditionalGenerator
+from fedgen.report.progress import task
 from fedgen.seeding import derive_seed, generator
 
 BETAS = (0.5, 0.999)
@@ -84,8 +85,6 @@ class PGARounds:
         representatives, rejected, rhos, g_reps, noised_means = Counter(), {}, [], [], []
         bytes_down = bytes_up = skipped = 0
         steps = cfg.pga.steps_per_round
-        from fedgen.report.progress import task
-
         with task(ctx.progress, f"round {r + 1}: generator steps", steps) as advance:
             for s in range(steps):
                 out = self._step(r, s)
