@@ -163,6 +163,34 @@ class RuntimeConfig(_Section):
     sim_cpus: int | None = Field(None, ge=1, description="flower-sim: CPUs given to Ray (None: all)")
 
 
+class PrivacyConfig(_Section):
+    """Formal differential privacy (docs/DESIGN.md, Privacy). The noise multiplier is solved from
+    `target_epsilon` over the whole run, or given as `noise_multiplier`."""
+
+    mode: Literal["none", "dp-sgd", "client-dp"] = Field(
+        "none", description="none: no formal guarantee; dp-sgd: record-level DP-SGD (Opacus) in every silo; "
+        "client-dp: client-level DP-FedAvg (clipped updates, Gaussian noise at the server)"
+    )
+    target_epsilon: float | None = Field(None, gt=0, description="epsilon to reach at the end of fl.rounds")
+    noise_multiplier: float | None = Field(None, gt=0, description="sigma, instead of target_epsilon")
+    delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1/|D_i| (dp-sgd) or 1/N (client-dp)")
+    max_grad_norm: float = Field(1.0, gt=0, description="C: per-record gradient clip (dp-sgd) or per-client "
+                                 "update clip (client-dp)")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus's PRV or RDP accountant")
+    noise_multiplicity: int = Field(1, ge=1, description="dp-sgd, FedDM: noise draws (t, eps) per image, "
+                                    "averaged before clipping (DPDM); costs compute, not privacy")
+    grad_sample_mode: Literal["hooks", "functorch"] = Field(
+        "hooks", description="how Opacus computes per-sample gradients (same result; speed differs by model)"
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> PrivacyConfig:
+        if self.mode != "none" and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(f"privacy.mode={self.mode} needs exactly one of privacy.target_epsilon and "
+                             "privacy.noise_multiplier")
+        return self
+
+
 class Config(_Section):
     name: str = "fedgen"
     description: str = ""
@@ -177,6 +205,19 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     pga: PGAConfig = PGAConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> Config:
+        if self.privacy.mode != "client-dp":
+            return self
+        if self.algorithm == "pga":
+            raise ValueError("privacy.mode=client-dp clips and noises weight updates; PGA sends none (use dp-sgd)")
+        if self.fl.centralized:
+            raise ValueError("privacy.mode=client-dp needs clients: the centralized baseline has one (use dp-sgd)")
+        if self.privacy.delta >= 1 / self.fl.clients:
+            raise ValueError(f"privacy.delta={self.privacy.delta:g} is not below 1/N = 1/{self.fl.clients}")
+        return self
 
     @model_validator(mode="after")
     def _pga_fits(self) -> Config:

@@ -54,6 +54,21 @@ class TrainSettings:
     null_label: int = -1
 
 
+@dataclass
+class PrivateFit:
+    """DP-SGD for one local update (fedgen.privacy.dpsgd): Poisson batches at `sample_rate`, `noise_multiplicity`
+    rows per image, per-image clipping to `max_grad_norm`, noise `noise_multiplier * max_grad_norm`. Batches and
+    noise come from `generator` (seeded by the silo's secret, not by the run seed)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps_per_epoch: int
+    noise_multiplicity: int
+    generator: torch.Generator
+    grad_sample_mode: str = "hooks"
+
+
 def _clone_state(model: nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -70,12 +85,14 @@ class DiffusionClient:
         self.device = device
 
     def fit(self, global_state: State, round_idx: int, settings: TrainSettings,
-            optimizer_state: dict | None = None, on_step: Callable[[], None] | None = None) -> FitResult:
+            optimizer_state: dict | None = None, on_step: Callable[[], None] | None = None,
+            private: PrivateFit | None = None) -> FitResult:
         """E epochs of Adam on the DDPM loss, starting from `global_state`.
 
         Data order, timesteps and noise come from a generator seeded by (seed, round, client), so the
         result does not depend on what ran before (resuming gives the same weights). A fresh Adam is
         used each round unless `settings.keep_optimizer` (the centralized baseline carries Adam's state).
+        With `private`, the steps are DP-SGD (Poisson batches, per-image clipping, noise).
         """
         if len(self.data) == 0:
             raise ValueError(f"client {self.client_id} has no data: nothing to train on")
@@ -85,13 +102,18 @@ class DiffusionClient:
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
         if settings.keep_optimizer and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        gen = generator(settings.seed, "fit", round_idx, self.client_id)
-        n = len(self.data)
-        total, steps = 0.0, 0
-        for _ in range(settings.epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, settings.batch_size):
-                idx = order[start:start + settings.batch_size]
+        gen = private.generator if private is not None else generator(settings.seed, "fit", round_idx, self.client_id)
+        trainer = None
+        if private is not None:
+            from fedgen.privacy.dpsgd import PrivateTrainer
+
+            trainer = PrivateTrainer(model, optimizer, noise_multiplier=private.noise_multiplier,
+                                     max_grad_norm=private.max_grad_norm, expected_batch_size=settings.batch_size,
+                                     noise_generator=gen, grad_sample_mode=private.grad_sample_mode)
+        rows = private.noise_multiplicity if private is not None else 1
+        total, steps, counted = 0.0, 0, 0
+        try:
+            for idx in self._batches(settings, gen, private):
                 x0 = self.data.images[idx]
                 if settings.hflip:
                     x0 = random_hflip(x0, gen)
@@ -99,27 +121,53 @@ class DiffusionClient:
                 if settings.label_dropout > 0:
                     drop = torch.rand(len(y), generator=gen) < settings.label_dropout
                     y = torch.where(drop, settings.null_label, y)
-                x0, y = x0.to(self.device), y.to(self.device)
-                loss = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16)
-                value = loss.item()
+                x0, y = x0.to(self.device).repeat_interleave(rows, 0), y.to(self.device).repeat_interleave(rows, 0)
+                if len(idx) == 0:  # an empty Poisson sample (DP only): a noise-only step
+                    trainer.step(torch.zeros(0), 0)
+                    steps += 1
+                    if on_step is not None:
+                        on_step()
+                    continue
+                per_row = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16,
+                                         reduction="none")
+                value = per_row.mean().item()
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
                         f"client {self.client_id}, round {round_idx + 1}: loss is {value} at local step {steps}"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if trainer is not None:
+                    trainer.step(per_row, len(idx))
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    per_row.mean().backward()
+                    optimizer.step()
                 total += value
                 steps += 1
+                counted += 1
                 if on_step is not None:
                     on_step()
+        finally:
+            if trainer is not None:
+                trainer.close()
         return FitResult(
             state=_clone_state(model),
-            num_examples=n,
-            mean_loss=total / steps,
+            num_examples=len(self.data),
+            mean_loss=total / counted if counted else float("nan"),
             steps=steps,
             optimizer_state=optimizer.state_dict() if settings.keep_optimizer else None,
         )
+
+    def _batches(self, settings: TrainSettings, gen: torch.Generator, private: PrivateFit | None):
+        """Index batches of E epochs: shuffled disjoint batches, or (DP) Poisson samples at the sampling rate."""
+        n = len(self.data)
+        for _ in range(settings.epochs):
+            if private is not None:
+                from fedgen.privacy.dpsgd import poisson_batch
+
+                for _ in range(private.steps_per_epoch):
+                    yield poisson_batch(n, private.sample_rate, gen)
+            else:
+                yield from torch.randperm(n, generator=gen).split(settings.batch_size)
 
 
 @torch.no_grad()

@@ -19,7 +19,9 @@ import torch
 
 from fedgen.config import Config
 from fedgen.errors import FedgenError
-from fedgen.fl.client import ClientData, DiffusionClient, NonFiniteLossError, TrainSettings, evaluation_loss
+from fedgen.fl.aggregate import sample_clients
+from fedgen.fl.client import (ClientData, DiffusionClient, NonFiniteLossError, PrivateFit, TrainSettings,
+                              evaluation_loss)
 from fedgen.fl.protocol import Reply, Request
 
 
@@ -78,6 +80,20 @@ def train_settings(cfg: Config, num_classes: int) -> TrainSettings:
                          keep_optimizer=cfg.fl.centralized)
 
 
+def planned_rounds(cfg: Config, silo: int) -> int:
+    """How many of the run's rounds silo `silo` will train in: client selection is a public function of (seed,
+    round), independent of any data, so a silo can budget its privacy over exactly its own participation."""
+    if cfg.fl.centralized:
+        return cfg.fl.rounds
+    k = cfg.fl.k
+    return sum(silo in sample_clients(cfg.fl.clients, k, cfg.train.seed, r) for r in range(cfg.fl.rounds))
+
+
+def privacy_config_values(report: dict) -> dict:
+    """An account's report as flat reply values (`dp_epsilon`, ...): Flower's ConfigRecord holds no None/dicts."""
+    return {f"dp_{k}": v for k, v in report.items() if v is not None}
+
+
 class FedDMWorker:
     """Silo `silo` of a FedDM run. `model` is a work buffer (the in-process runtime shares one between silos)."""
 
@@ -103,21 +119,60 @@ class FedDMWorker:
     def _describe(self, request: Request) -> Reply:
         return describe_silo(self.silo, self.data, self.classes, request)
 
+    def local_steps(self) -> int:
+        """Optimizer steps of one fit (for progress bars)."""
+        if self.cfg.privacy.mode == "dp-sgd":
+            from fedgen.privacy.dpsgd import poisson_plan
+
+            return self.settings.epochs * poisson_plan(len(self.data), self.settings.batch_size)[1]
+        return self.settings.epochs * -(-len(self.data) // self.settings.batch_size)
+
     def _fit(self, request: Request) -> Reply:
         round_idx = int(request.config["round"])
-        optimizer_state = None
-        if self.settings.keep_optimizer and self.store is not None:
-            optimizer_state = (self.store.load(round_idx) or {}).get("optimizer")
+        saved = self.store.load(round_idx) or {} if self.store is not None else {}
+        account, private = self._private_fit(saved, round_idx)
         try:
-            result = self.client.fit(request.arrays["global"], round_idx, self.settings, optimizer_state,
-                                     on_step=self.on_step)
+            result = self.client.fit(request.arrays["global"], round_idx, self.settings, saved.get("optimizer"),
+                                     on_step=self.on_step, private=private)
         except NonFiniteLossError as exc:
             return Reply(self.silo, config={"error": str(exc)})
-        if self.settings.keep_optimizer and self.store is not None:
-            self.store.save(round_idx + 1, {"optimizer": result.optimizer_state})
-        return Reply(self.silo, arrays={"local": result.state},
-                     config={"num_examples": result.num_examples, "mean_loss": result.mean_loss,
-                             "steps": result.steps})
+        config = {"num_examples": result.num_examples, "mean_loss": result.mean_loss, "steps": result.steps}
+        state = result.state
+        if account is not None:
+            account.steps += result.steps
+            config |= privacy_config_values(account.report())
+        if self.cfg.privacy.mode == "client-dp":
+            from fedgen.privacy.client_dp import clip_update
+
+            state, norm = clip_update(state, request.arrays["global"], self.cfg.privacy.max_grad_norm)
+            config["update_norm"] = norm
+        if self.store is not None and (self.settings.keep_optimizer or account is not None):
+            self.store.save(round_idx + 1, {"optimizer": result.optimizer_state,
+                                            "privacy": account.to_dict() if account is not None else None})
+        return Reply(self.silo, arrays={"local": state}, config=config)
+
+    def _private_fit(self, saved: dict, round_idx: int):
+        """(account, PrivateFit) for a DP-SGD silo, else (None, None). The account (sigma, q, steps so far) is the
+        silo's own, kept in its store: opened on its first fit, for the rounds it will take part in."""
+        privacy = self.cfg.privacy
+        if privacy.mode != "dp-sgd":
+            return None, None
+        from fedgen.privacy.accountant import Account, open_account
+        from fedgen.privacy.dpsgd import poisson_plan
+        from fedgen.privacy.secret import party_secret, secret_generator
+
+        if self.store is None:
+            raise SiloDataError(f"silo {self.silo}: DP-SGD needs a state directory for its privacy account")
+        q, per_epoch = poisson_plan(len(self.data), self.settings.batch_size)
+        if saved.get("privacy"):
+            account = Account.from_dict(saved["privacy"])
+        else:
+            planned = planned_rounds(self.cfg, self.silo) * self.settings.epochs * per_epoch
+            account = open_account(privacy, q, planned, len(self.data))
+        secret = party_secret(self.store.path)
+        return account, PrivateFit(account.noise_multiplier, privacy.max_grad_norm, q, per_epoch,
+                                   privacy.noise_multiplicity, secret_generator(secret, "dp-fit", round_idx),
+                                   privacy.grad_sample_mode)
 
     def _evaluate(self, request: Request) -> Reply:
         self.client.model.load_state_dict(request.arrays["global"])

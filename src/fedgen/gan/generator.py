@@ -12,6 +12,8 @@ the backward pass of fake batch 2 with the gradient `pga.aggregation` chooses:
 - `literal`: dL_r/dfake alone; the noised average is only logged.
 
 Adding noise to a scalar loss does not hide what a discriminator learnt: none of this is differential privacy.
+Formal privacy comes from `privacy.mode=dp-sgd`: each party trains its discriminator with DP-SGD (gan/party.py);
+everything the generator receives is then post-processing of DP discriminators.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class PGARounds:
         ctx.model = self.g
         self.opt = torch.optim.Adam(self.g.parameters(), lr=cfg.pga.lr_generator, betas=BETAS)
         self.parties = [s.silo for s in fed.silos]
+        from fedgen.privacy.ledger import RunPrivacy
+
+        self.privacy = RunPrivacy(cfg, ctx.run.path, sum(p.numel() for p in self.g.parameters()))
 
     @property
     def state(self) -> State:
@@ -89,6 +94,7 @@ class PGARounds:
             for s in range(steps):
                 out = self._step(r, s)
                 for silo, reply in out["live"].items():
+                    self.privacy.observe(silo, reply.config)
                     d_sum[silo] += reply.config["d"]
                     g_sum[silo] += reply.config["g"]
                     live_steps[silo] += 1
@@ -115,7 +121,7 @@ class PGARounds:
             "rho_max": float(np.max(rhos)) if rhos else None, "skipped_steps": skipped,
             "noise_sd_mean": {str(k): cfg.pga.noise_ratio * d_sum[k] / live_steps[k] for k in sorted(live_steps)},
             "representatives": {str(k): v for k, v in sorted(representatives.items())},
-            "rejected": rejected, "privacy": "PGA loss noise: heuristic, no formal guarantee",
+            "rejected": rejected,
             "train_time_s": round(time.perf_counter() - t0, 3),
             "step_time_s": round((time.perf_counter() - t0) / steps, 4), "bytes_down": bytes_down,
             "bytes_up": bytes_up,

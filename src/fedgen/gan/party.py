@@ -45,11 +45,26 @@ class PGAParty:
         self.on_step = None
         self._fresh()
 
+    @property
+    def private(self) -> bool:
+        return self.cfg.privacy.mode == "dp-sgd"
+
     def _fresh(self) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.train.seed, "pga-init-d", self.silo))
-            self.d = build_discriminator(self.kind, self.image_shape, len(self.classes)).to(self.device)
+            self.d = build_discriminator(self.kind, self.image_shape, len(self.classes), self.private).to(self.device)
         self.opt = torch.optim.Adam(self.d.parameters(), lr=self.cfg.pga.lr_discriminator, betas=BETAS)
+        self.trainer, self.account = None, None
+        if self.private:  # DP-SGD on the discriminator; sigma and the noise generator are set per step
+            from fedgen.privacy.dpsgd import PrivateTrainer
+
+            if self.store is None:
+                raise SiloDataError(f"party {self.silo}: DP-SGD needs a state directory for its privacy account")
+            self.trainer = PrivateTrainer(self.d, self.opt, noise_multiplier=0.0,
+                                          max_grad_norm=self.cfg.privacy.max_grad_norm,
+                                          expected_batch_size=self.cfg.train.batch_size,
+                                          noise_generator=torch.Generator(),
+                                          grad_sample_mode=self.cfg.privacy.grad_sample_mode)
 
     def handle(self, request: Request) -> Reply:
         if self.cfg.train.cpu_threads:
@@ -65,13 +80,24 @@ class PGAParty:
         return self.store.path / "current.pt" if self.store is not None else None
 
     def _state(self) -> dict:
-        return {"position": self.position, "d": self.d.state_dict(), "opt": self.opt.state_dict()}
+        return {"position": self.position, "d": self.d.state_dict(), "opt": self.opt.state_dict(),
+                "privacy": self.account.to_dict() if self.account is not None else None}
 
     def _load(self, state: dict | None, position: int) -> None:
         self._fresh()
         if state is not None:
             self.d.load_state_dict(state["d"])
             self.opt.load_state_dict(state["opt"])
+        if self.private:
+            from fedgen.privacy.accountant import Account, open_account
+            from fedgen.privacy.dpsgd import poisson_plan
+
+            if state is not None and state.get("privacy"):
+                self.account = Account.from_dict(state["privacy"])
+            else:  # every party takes one DP step per generator step, for the whole run
+                q = poisson_plan(len(self.data), self.cfg.train.batch_size)[0]
+                planned = self.cfg.fl.rounds * self.cfg.pga.steps_per_round
+                self.account = open_account(self.cfg.privacy, q, planned, len(self.data))
         self.position = position
 
     def _bring_to(self, round_idx: int, step: int) -> None:
@@ -102,29 +128,64 @@ class PGAParty:
         batch = request.arrays["batch"]
         fake1, labels1 = batch["fake1"].to(self.device), batch["labels1"].to(self.device)
         fake2, labels2 = batch["fake2"].to(self.device), batch["labels2"].to(self.device)
-        gen = generator(cfg.train.seed, "pga-party", round_idx, step, self.silo)
-        idx = torch.randint(len(self.data), (len(fake1),), generator=gen)
-        real, real_labels = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
         bce = nn.functional.binary_cross_entropy_with_logits
         self.d.train()
-        real_loss = bce(self.d(real, real_labels), torch.ones(len(real), device=self.device))
-        fake_loss = bce(self.d(fake1, labels1), torch.zeros(len(fake1), device=self.device))
-        self.opt.zero_grad(set_to_none=True)
-        (real_loss + fake_loss).backward()
-        self.opt.step()
-        d_i = float(fake_loss.detach())
+        if self.private:
+            gen, d_i = self._private_d_step(round_idx, step, fake1, labels1)
+            real_loss = None
+        else:
+            gen = generator(cfg.train.seed, "pga-party", round_idx, step, self.silo)
+            idx = torch.randint(len(self.data), (len(fake1),), generator=gen)
+            real, real_labels = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
+            real_loss = bce(self.d(real, real_labels), torch.ones(len(real), device=self.device))
+            fake_loss = bce(self.d(fake1, labels1), torch.zeros(len(fake1), device=self.device))
+            self.opt.zero_grad(set_to_none=True)
+            (real_loss + fake_loss).backward()
+            self.opt.step()
+            d_i = float(fake_loss.detach())
         fake2 = fake2.detach().requires_grad_(bool(c.get("want_grad")))
-        g = bce(self.d(fake2, labels2), torch.ones(len(fake2), device=self.device))
+        if self.trainer is not None:  # the feedback is post-processing of the DP discriminator: no per-sample work
+            self.trainer.module.disable_hooks()
+        try:
+            g = bce(self.d(fake2, labels2), torch.ones(len(fake2), device=self.device))
+            arrays = {}
+            if c.get("want_grad"):
+                (grad,) = torch.autograd.grad(g, fake2)
+                arrays["grad"] = {"fake2": grad.detach().cpu()}
+        finally:
+            if self.trainer is not None:
+                self.trainer.module.enable_hooks()
         noise = float(torch.randn((), generator=gen)) * cfg.pga.noise_ratio * d_i
-        arrays = {}
-        if c.get("want_grad"):
-            (grad,) = torch.autograd.grad(g, fake2)
-            arrays["grad"] = {"fake2": grad.detach().cpu()}
         self.position += 1
-        self._persist(round_idx, step)
         g_value = float(g.detach())
-        config = {"d": d_i, "g": g_value, "g_noised": g_value + noise, "real_loss": float(real_loss.detach())}
+        config = {"d": d_i, "g": g_value, "g_noised": g_value + noise}
+        if real_loss is not None:  # a DP party does not report a loss on its real data
+            config["real_loss"] = float(real_loss.detach())
+        if self.account is not None and step + 1 == cfg.pga.steps_per_round:
+            from fedgen.fl.worker import privacy_config_values
+
+            config |= privacy_config_values(self.account.report())
+        self._persist(round_idx, step)
         return Reply(self.silo, arrays=arrays, config=config)
+
+    def _private_d_step(self, round_idx: int, step: int, fake1: torch.Tensor, labels1: torch.Tensor):
+        """One DP-SGD step of the discriminator: a Poisson sample of the party's real images and fake batch 1 in
+        one batch, every row's gradient clipped, noise from the party's secret generator. Returns that generator
+        (it also draws the PGA loss noise) and d_i, the loss on the fakes."""
+        from fedgen.privacy.dpsgd import poisson_batch
+        from fedgen.privacy.secret import party_secret, secret_generator
+
+        gen = secret_generator(party_secret(self.store.path), "pga-dp", round_idx, step)
+        idx = poisson_batch(len(self.data), self.account.sample_rate, gen)
+        x = torch.cat([self.data.images[idx].to(self.device), fake1])
+        labels = torch.cat([self.data.labels[idx].to(self.device), labels1])
+        target = torch.cat([torch.ones(len(idx), device=self.device), torch.zeros(len(fake1), device=self.device)])
+        rows = nn.functional.binary_cross_entropy_with_logits(self.d(x, labels), target, reduction="none")
+        self.trainer.optimizer.noise_multiplier = self.account.noise_multiplier
+        self.trainer.optimizer.generator = gen
+        self.trainer.step(rows, len(rows))
+        self.account.steps += 1
+        return gen, float(rows[len(idx):].mean().detach())
 
     def _persist(self, round_idx: int, step: int) -> None:
         if self.store is None:

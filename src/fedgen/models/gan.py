@@ -76,11 +76,12 @@ class _MLPD(nn.Module):
         return self.body(torch.cat([x.flatten(1), onehot], 1)).view(-1)
 
 
-def _dcgan(c: int, k: int, width: int, norm: bool) -> nn.Module:
-    def block(cin: int, cout: int, bn: bool) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 4, 2, 1), *([nn.BatchNorm2d(cout)] if bn else []), nn.LeakyReLU(0.2, True)]
+def _dcgan(c: int, k: int, width: int, norm: str | None) -> nn.Module:
+    def block(cin: int, cout: int, norm: str | None) -> list[nn.Module]:
+        layer = {"batch": lambda: nn.BatchNorm2d(cout), "group": lambda: nn.GroupNorm(min(32, cout // 4), cout)}
+        return [nn.Conv2d(cin, cout, 4, 2, 1), *([layer[norm]()] if norm else []), nn.LeakyReLU(0.2, True)]
 
-    return nn.Sequential(*block(c + k, width, False), *block(width, 2 * width, norm), nn.AdaptiveAvgPool2d(1),
+    return nn.Sequential(*block(c + k, width, None), *block(width, 2 * width, norm), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(2 * width, 1))
 
 
@@ -93,13 +94,24 @@ DISCRIMINATORS = {
 }
 
 
-def build_discriminator(kind: str, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """One discriminator of the zoo, outputting one logit per image."""
+def build_discriminator(kind: str, image_shape: tuple[int, int, int], num_classes: int,
+                        private: bool = False) -> nn.Module:
+    """One discriminator of the zoo, outputting one logit per image. `private`: the DP-SGD variant (BatchNorm,
+    which mixes the records of a batch and so has no per-sample gradient, replaced by GroupNorm)."""
+    model = _build(kind, image_shape, num_classes, private)
+    if private:  # Opacus's backward hooks cannot see through in-place activations
+        for module in model.modules():
+            if hasattr(module, "inplace"):
+                module.inplace = False
+    return model
+
+
+def _build(kind: str, image_shape: tuple[int, int, int], num_classes: int, private: bool) -> nn.Module:
     c, k = image_shape[0], num_classes
     if kind == "dcgan":
-        return _ConvD(_dcgan(c, k, 64, True), k)
+        return _ConvD(_dcgan(c, k, 64, "group" if private else "batch"), k)
     if kind == "tiny":
-        return _ConvD(_dcgan(c, k, 16, False), k)
+        return _ConvD(_dcgan(c, k, 16, None), k)
     if kind == "resnet":
         return _ConvD(nn.Sequential(_Residual(c + k, 32), _Residual(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                     nn.Linear(64, 1)), k)

@@ -38,8 +38,7 @@ class InProcessPool:
                   len(requests)) as client_done:
             for request in requests:
                 worker = self.workers[request.silo]
-                steps = worker.settings.epochs * -(-len(worker.data) // worker.settings.batch_size) \
-                    if request.kind == "fit" else 0
+                steps = worker.local_steps() if request.kind == "fit" else 0
                 with task(progress if request.kind == "fit" else None, f"client {request.silo}: steps",
                           steps) as step_done:
                     worker.on_step = step_done

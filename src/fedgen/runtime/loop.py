@@ -6,6 +6,7 @@ samples and evaluation are the same for all of them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -26,6 +27,8 @@ from fedgen.fl.experiment import new_model, resolve_device
 from fedgen.fl.protocol import Reply, Request, payload_nbytes
 from fedgen.fl.rundir import Checkpoint, RunDir
 from fedgen.fl.server import FedAvgServer
+from fedgen.privacy.ledger import RunPrivacy
+from fedgen.privacy.ledger import summary as privacy_summary
 from fedgen.report.grid import sample_grid
 from fedgen.report.progress import progress_bar
 
@@ -73,6 +76,7 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console
         start = ckpt.round
         algorithm.restore(ckpt.global_state, ckpt.optimizer_state)
         run.truncate_metrics(start)
+        algorithm.privacy.restore(run.read_metrics(), start)
         run.log({"event": "resume", "after_round": start, "runtime": fed.where})
         console.print(f"resuming after round {start} (last complete checkpoint)")
     rounds = cfg.fl.rounds
@@ -86,14 +90,15 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console
         for r in range(start, rounds):
             t0 = time.perf_counter()
             record, client_states = algorithm.round(r)
+            record["privacy"] = algorithm.privacy.record(r + 1)
             record["time_s"] = round(time.perf_counter() - t0, 3)
             # commit first: the round record, then the checkpoint. Samples and evaluation come after, so a failed
             # or killed evaluation never loses the round and a resume never repeats it.
             run.log(record)
             run.save_checkpoint(Checkpoint(r + 1, algorithm.state, algorithm.optimizer_state, meta), client_states,
                                 keep=cfg.log.keep_checkpoints)
-            console.print(f"round {r + 1}/{rounds}: {algorithm.summary(record)}, {record['time_s']:.1f}s",
-                          highlight=False)
+            console.print(f"round {r + 1}/{rounds}: {algorithm.summary(record)}, "
+                          f"{privacy_summary(record['privacy'])}, {record['time_s']:.1f}s", highlight=False)
             progress.advance(rounds_task)
             last_round = r + 1 == rounds
             if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):
@@ -102,6 +107,8 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console
             if cfg.eval.every and ((r + 1) % cfg.eval.every == 0 or last_round):
                 _after_commit(ctx, r + 1, "evaluate", partial(_log_evaluation, ctx, algorithm, r + 1))
     _write_final_samples(ctx, algorithm, rounds)
+    console.print(f"{privacy_summary(algorithm.privacy.record(rounds))} after {rounds} rounds; the ledger: "
+                  f"fedgen privacy {run.path}", highlight=False)
     return run
 
 
@@ -142,8 +149,14 @@ class FedDMRounds:
         self.scheduler = ddpm_scheduler(cfg.diffusion)
         state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         per_round = 1 if cfg.fl.centralized else cfg.fl.k
-        self.server = FedAvgServer(len(fed.silos), per_round, cfg.train.seed, state, cfg.fl.max_update_norm_ratio)
+        # client-level DP bounds each update by clipping; screening by the others' norms would make one client's
+        # acceptance depend on another's data, outside the mechanism the accountant analyses
+        outlier_ratio = math.inf if cfg.privacy.mode == "client-dp" else cfg.fl.max_update_norm_ratio
+        self.server = FedAvgServer(len(fed.silos), per_round, cfg.train.seed, state, outlier_ratio)
         self.optimizer_state = None  # the centralized baseline's Adam state lives with its silo
+        self.privacy = RunPrivacy(cfg, ctx.run.path, sum(p.numel() for p in ctx.model.parameters()))
+        if self.privacy.server is not None:
+            _announce_client_dp(ctx, self.privacy)
 
     @property
     def state(self) -> State:
@@ -176,7 +189,10 @@ class FedDMRounds:
             raise ctx.abort(r, len(screened.accepted), len(selected), screened.rejected)
         for silo, reason in screened.rejected.items():
             ctx.console.print(f"[yellow]round {r + 1}: client {silo} left out:[/] {reason}", highlight=False)
-        state = server.aggregate(screened.accepted)
+        for silo, reply in replies.items():  # a rejected update still spent its silo's privacy
+            if isinstance(reply, Reply):
+                self.privacy.observe(silo, reply.config)
+        state = self._aggregate(r, screened.accepted)
         ok = sorted(screened.accepted)
         record = {
             "event": "round", "round": r + 1, "clients": selected, "aggregated": ok,
@@ -188,6 +204,38 @@ class FedDMRounds:
             "bytes_up": sum(payload_nbytes(rep.arrays) for rep in replies.values() if isinstance(rep, Reply)),
         }
         return record, {s: screened.accepted[s][0] for s in ok}
+
+
+    def _aggregate(self, r: int, accepted: dict) -> State:
+        account = self.privacy.server
+        if account is None:
+            return self.server.aggregate(accepted)
+        from fedgen.privacy.client_dp import noised_mean_update
+        from fedgen.privacy.secret import party_secret, secret_generator
+
+        gen = secret_generator(party_secret(self.ctx.run.path / "privacy"), "client-dp", r)
+        self.server.global_state = noised_mean_update(self.server.global_state, [accepted[s][0] for s in
+                                                      sorted(accepted)], self.ctx.cfg.fl.k,
+                                                      account.noise_multiplier, self.ctx.cfg.privacy.max_grad_norm, gen)
+        return self.server.global_state
+
+
+def _announce_client_dp(ctx: _Context, privacy: RunPrivacy) -> None:
+    """Print the epsilon client-level DP buys over the whole run, and warn when the noise drowns the updates."""
+    from fedgen.privacy.accountant import epsilon
+    from fedgen.privacy.client_dp import noise_to_signal
+
+    a, fl, cfg = privacy.server, ctx.cfg.fl, ctx.cfg.privacy
+    final = epsilon(a.accountant, a.noise_multiplier, a.sample_rate, fl.rounds, a.delta)
+    ratio = noise_to_signal(a.noise_multiplier, cfg.max_grad_norm, fl.k, privacy.num_params)
+    ctx.console.print(f"client-level DP-FedAvg: σ={a.noise_multiplier:.4g}, C={cfg.max_grad_norm:g}, q=K/N="
+                      f"{fl.k}/{fl.clients}, {fl.rounds} rounds → ε={final:.3g} at δ={a.delta:g} "
+                      f"({a.accountant} accountant)", highlight=False)
+    if ratio > 1:
+        ctx.console.print(f"[yellow]warning:[/] the server's noise has about {ratio:.0f}x the norm of the largest "
+                          f"possible mean update (σ·sqrt(d)/K with d={privacy.num_params:,} parameters, K={fl.k}): "
+                          f"client-level DP needs K in the thousands of clients per round for a useful model at "
+                          f"this ε", highlight=False)
 
 
 def _global_losses(ctx: _Context, scheduler, state: State, silos: list[int]) -> dict:
