@@ -229,6 +229,81 @@ def evaluate(
         console.print(paper)
 
 
+@app.command()
+def privacy(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+    """The run's privacy ledger: epsilon per silo and for the run, delta, accountant and every input."""
+    from fedgen.fl.rundir import RunDir
+    from fedgen.privacy.ledger import summary
+
+    with _user_errors():
+        rundir = RunDir(run)
+        cfg = rundir.config()
+        rounds = [r for r in rundir.read_metrics() if r.get("event") == "round"]
+    if not rounds:
+        _fail(f"{run} has no completed round yet")
+    entry = rounds[-1].get("privacy")
+    console.print(f"{run}: {len(rounds)} rounds, privacy.mode={cfg.privacy.mode}")
+    if not isinstance(entry, dict):
+        console.print(f"privacy: {entry}", highlight=False)
+        return
+    parties = {"server": entry["server"]} if "server" in entry else entry["parties"]
+    table = Table("party", "epsilon", "delta", "noise multiplier σ", "sampling rate q", "steps", "planned steps",
+                  title=f"{entry['unit']}-level DP ({entry['mode']}), {entry['accountant']}")
+    for name, rep in parties.items():
+        table.add_row(f"silo {name}" if name != "server" else "server (K of N clients)", f"{rep['epsilon']:.4g}",
+                      f"{rep['delta']:g}", f"{rep['noise_multiplier']:.4g}", f"{rep['sample_rate']:.4g}",
+                      str(rep["steps"]), str(rep["planned_steps"]))
+    console.print(table)
+    target = f" (target {entry['target_epsilon']:g})" if entry.get("target_epsilon") else ""
+    how = "the largest silo epsilon: silos hold disjoint records" if entry["unit"] == "record" else \
+        "clients sampled K of N per round, analysed as Poisson q=K/N"
+    console.print(f"run: {summary(entry)}{target}; {how}", highlight=False)
+    if entry["unit"] == "record":
+        console.print(f"clip C={entry['max_grad_norm']:g} per record", highlight=False)
+    if entry.get("pga_loss_noise"):
+        console.print(entry["pga_loss_noise"], highlight=False)
+
+
+@app.command()
+def audit(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    n: Annotated[int, typer.Option("--n", min=20, help="members and as many non-members")] = 1000,
+    generated: Annotated[int, typer.Option(min=10, help="generated images (distance attack, memorisation)")] = 2000,
+    silo: Annotated[int | None, typer.Option(help="members from this silo only (default: all silos)")] = None,
+    timesteps: Annotated[int, typer.Option(min=1, help="loss attack: timesteps scanned")] = 8,
+    draws: Annotated[int, typer.Option(min=1, help="loss attack: noise draws per timestep")] = 2,
+    copy_ratio: Annotated[float, typer.Option(help="near-copy: nearest / mean of 50 nearest below this")] = 1 / 3,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Membership inference (loss threshold, nearest-sample distance), memorisation, and the DP bound check."""
+    from fedgen.fl.rundir import RunDir
+    from fedgen.privacy.run_audit import audit_run
+    from fedgen.runtime.models import load_run_model
+
+    with _user_errors():
+        loaded = load_run_model(run)
+        with progress_bar(console) as progress:
+            record = audit_run(run, n=n, generated=generated, silo=silo, seed=seed, timesteps=timesteps,
+                               draws=draws, copy_ratio=copy_ratio, progress=progress,
+                               log=lambda m: console.print(m, highlight=False))
+    record = {"event": "audit", "round": loaded.round, "model": "global", **record}
+    RunDir(run).log(record)
+    table = Table("metric", "value", title=f"privacy audit of {loaded.source}")
+    for key, value in record.items():
+        if key in ("event", "round", "model") or key.endswith("_by_timestep"):
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], float):
+            value = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
+        table.add_row(key, _number(value))
+    console.print(table)
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
+    return str(value)
+
+
 def _silo_baselines(run: Path, cfg, ds, ev) -> dict:
     """Each silo's CNN on its own real data (the PGA paper's "local" column), where this machine holds the run's
     training data and its partition.json has the silos' indices (in-process and flower-sim runs)."""

@@ -179,9 +179,6 @@ class PrivacyConfig(_Section):
     accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus's PRV or RDP accountant")
     noise_multiplicity: int = Field(1, ge=1, description="dp-sgd, FedDM: noise draws (t, eps) per image, "
                                     "averaged before clipping (DPDM); costs compute, not privacy")
-    grad_sample_mode: Literal["hooks", "functorch"] = Field(
-        "hooks", description="how Opacus computes per-sample gradients (same result; speed differs by model)"
-    )
 
     @model_validator(mode="after")
     def _budget(self) -> PrivacyConfig:

@@ -22,17 +22,25 @@ def load_reference(cfg: DataConfig) -> ImageDataset:
                         test_fraction=cfg.test_fraction, seed=cfg.split_seed)
 
 
+def training_indices(cfg: DataConfig, seed: int, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Which images of the full training split a run trains on: all, or the class-stratified subset of
+    `max_train_samples` drawn with `seed` (sorted)."""
+    n = len(labels)
+    if cfg.max_train_samples is None or cfg.max_train_samples >= n:
+        return np.arange(n)
+    if cfg.max_train_samples < num_classes:
+        raise DatasetError(
+            f"data.max_train_samples={cfg.max_train_samples} is below the number of classes ({num_classes})"
+        )
+    keep, _ = train_test_split(np.arange(n), train_size=cfg.max_train_samples, random_state=seed % 2**32,
+                               stratify=labels)
+    return np.sort(keep)
+
+
 def load_for_config(cfg: DataConfig, seed: int) -> ImageDataset:
     """Load the configured dataset; apply `max_train_samples` as a class-stratified subset drawn with `seed`."""
     ds = load_reference(cfg)
-    n = len(ds.train.labels)
-    if cfg.max_train_samples is not None and cfg.max_train_samples < n:
-        if cfg.max_train_samples < ds.num_classes:
-            raise DatasetError(
-                f"data.max_train_samples={cfg.max_train_samples} is below the number of classes ({ds.num_classes})"
-            )
-        keep, _ = train_test_split(np.arange(n), train_size=cfg.max_train_samples, random_state=seed % 2**32,
-                                   stratify=ds.train.labels)
-        keep = np.sort(keep)
+    keep = training_indices(cfg, seed, ds.train.labels, ds.num_classes)
+    if len(keep) < len(ds.train.labels):
         ds = replace(ds, train=ImageSplit(ds.train.images[keep], ds.train.labels[keep]))
     return ds

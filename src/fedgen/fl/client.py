@@ -66,7 +66,6 @@ class PrivateFit:
     steps_per_epoch: int
     noise_multiplicity: int
     generator: torch.Generator
-    grad_sample_mode: str = "hooks"
 
 
 def _clone_state(model: nn.Module) -> State:
@@ -109,7 +108,7 @@ class DiffusionClient:
 
             trainer = PrivateTrainer(model, optimizer, noise_multiplier=private.noise_multiplier,
                                      max_grad_norm=private.max_grad_norm, expected_batch_size=settings.batch_size,
-                                     noise_generator=gen, grad_sample_mode=private.grad_sample_mode)
+                                     noise_generator=gen)
         rows = private.noise_multiplicity if private is not None else 1
         total, steps, counted = 0.0, 0, 0
         try:

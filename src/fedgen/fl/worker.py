@@ -20,8 +20,7 @@ import torch
 from fedgen.config import Config
 from fedgen.errors import FedgenError
 from fedgen.fl.aggregate import sample_clients
-from fedgen.fl.client import (ClientData, DiffusionClient, NonFiniteLossError, PrivateFit, TrainSettings,
-                              evaluation_loss)
+from fedgen.fl.client import ClientData, DiffusionClient, NonFiniteLossError, PrivateFit, TrainSettings, evaluation_loss
 from fedgen.fl.protocol import Reply, Request
 
 
@@ -171,8 +170,7 @@ class FedDMWorker:
             account = open_account(privacy, q, planned, len(self.data))
         secret = party_secret(self.store.path)
         return account, PrivateFit(account.noise_multiplier, privacy.max_grad_norm, q, per_epoch,
-                                   privacy.noise_multiplicity, secret_generator(secret, "dp-fit", round_idx),
-                                   privacy.grad_sample_mode)
+                                   privacy.noise_multiplicity, secret_generator(secret, "dp-fit", round_idx))
 
     def _evaluate(self, request: Request) -> Reply:
         self.client.model.load_state_dict(request.arrays["global"])

@@ -63,8 +63,7 @@ class PGAParty:
             self.trainer = PrivateTrainer(self.d, self.opt, noise_multiplier=0.0,
                                           max_grad_norm=self.cfg.privacy.max_grad_norm,
                                           expected_batch_size=self.cfg.train.batch_size,
-                                          noise_generator=torch.Generator(),
-                                          grad_sample_mode=self.cfg.privacy.grad_sample_mode)
+                                          noise_generator=torch.Generator())
 
     def handle(self, request: Request) -> Reply:
         if self.cfg.train.cpu_threads:
