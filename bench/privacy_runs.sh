@@ -8,13 +8,15 @@ FEDGEN=${FEDGEN:-fedgen}
 T="--set train.cpu_threads=${THREADS:-1}"
 mkdir -p "$OUT"
 run() { echo "+ $*" >&2; "$@"; }
+# rerunnable: a finished training resumes to "nothing to train"; an evaluation or audit already logged is skipped
+once() { local event=$1 dir=$2; shift 2; grep -q "\"event\": \"$event\"" "$dir/metrics.jsonl" 2>/dev/null || run "$@"; }
 # 1. deliberately overfit: 200 training images, 2 silos, 300 local epochs each in total
 run $FEDGEN train --preset fmnist-quick $T --set data.max_train_samples=200 --set fl.clients=2 \
   --set fl.clients_per_round=2 --set fl.rounds=30 --set fl.local_epochs=10 --out "$OUT/overfit"
-run $FEDGEN audit "$OUT/overfit" --n 200 --generated 1000
+once audit "$OUT/overfit" $FEDGEN audit "$OUT/overfit" --n 200 --generated 1000
 # 2. the default job, non-private
 run $FEDGEN train $T --out "$OUT/default"
-run $FEDGEN audit "$OUT/default"
+once audit "$OUT/default" $FEDGEN audit "$OUT/default"
 # 3. one third of the default job's rounds: non-private, DP-SGD eps=10, eps=1 (delta=1e-5)
 for name in none dp10 dp1; do
   case $name in
@@ -22,13 +24,13 @@ for name in none dp10 dp1; do
     dp1) P="--set privacy.mode=dp-sgd --set privacy.target_epsilon=1";;
   esac
   run $FEDGEN train $T --set fl.rounds=10 $P --out "$OUT/q10-$name"
-  run $FEDGEN evaluate "$OUT/q10-$name" --n 2000 --tstr --tstr-samples 4000
-  run $FEDGEN audit "$OUT/q10-$name"
+  once evaluate "$OUT/q10-$name" $FEDGEN evaluate "$OUT/q10-$name" --n 2000 --tstr --tstr-samples 4000
+  once audit "$OUT/q10-$name" $FEDGEN audit "$OUT/q10-$name"
 done
 # 4. PGA, 5 parties, 300 generator steps: non-private and DP discriminators at eps=10
 for name in none dp10; do
   P=""; [ $name = dp10 ] && P="--set privacy.mode=dp-sgd --set privacy.target_epsilon=10"
   run $FEDGEN train --preset pga-fmnist-5-quick $T --set fl.rounds=3 $P --out "$OUT/pga5-$name"
-  run $FEDGEN evaluate "$OUT/pga5-$name" --n 2000 --tstr --tstr-samples 4000
-  run $FEDGEN audit "$OUT/pga5-$name"
+  once evaluate "$OUT/pga5-$name" $FEDGEN evaluate "$OUT/pga5-$name" --n 2000 --tstr --tstr-samples 4000
+  once audit "$OUT/pga5-$name" $FEDGEN audit "$OUT/pga5-$name"
 done

@@ -200,6 +200,10 @@ def test_a_dp_run_logs_every_silos_account_and_the_runs_epsilon(dp_run):
             assert rep["epsilon"] == pytest.approx(epsilon("rdp", 1.0, q, rep["steps"], 1e-5), rel=1e-9)
         assert entry["epsilon"] == max(rep["epsilon"] for rep in entry["parties"].values())
     assert ledger[-1]["epsilon"] > ledger[0]["epsilon"] > 0
+    rounds = [r for r in RunDir(dp_run).read_metrics() if r["event"] == "round"]
+    # no silo reports a loss on its own data (unaccounted releases); the coordinator's test loss remains
+    assert all(r["local_train_loss"] == {} and r["global_client_loss"] == {} for r in rounds)
+    assert all(r["global_test_loss"] > 0 for r in rounds)
     runner = CliRunner()
     done = runner.invoke(app, ["privacy", str(dp_run)])
     assert done.exit_code == 0, done.output

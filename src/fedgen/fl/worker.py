@@ -135,7 +135,9 @@ class FedDMWorker:
                                      on_step=self.on_step, private=private)
         except NonFiniteLossError as exc:
             return Reply(self.silo, config={"error": str(exc)})
-        config = {"num_examples": result.num_examples, "mean_loss": result.mean_loss, "steps": result.steps}
+        config = {"num_examples": result.num_examples, "steps": result.steps}
+        if self.cfg.privacy.mode == "none":  # under DP, a loss on the silo's data would be an unaccounted release
+            config["mean_loss"] = result.mean_loss
         state = result.state
         if account is not None:
             account.steps += result.steps
@@ -173,6 +175,9 @@ class FedDMWorker:
                                    privacy.noise_multiplicity, secret_generator(secret, "dp-fit", round_idx))
 
     def _evaluate(self, request: Request) -> Reply:
+        if self.cfg.privacy.mode != "none":
+            raise SiloDataError(f"silo {self.silo} answers no loss queries on its data under privacy.mode="
+                                f"{self.cfg.privacy.mode}: the answer would not be covered by its privacy account")
         self.client.model.load_state_dict(request.arrays["global"])
         loss = evaluation_loss(self.client.model, self.client.scheduler, self.data,
                                max_samples=int(request.config["max_samples"]), seed=self.cfg.train.seed,

@@ -49,7 +49,7 @@ class PGARounds:
         self.parties = [s.silo for s in fed.silos]
         from fedgen.privacy.ledger import RunPrivacy
 
-        self.privacy = RunPrivacy(cfg, ctx.run.path, sum(p.numel() for p in self.g.parameters()))
+        self.privacy = RunPrivacy(cfg, None, sum(p.numel() for p in self.g.parameters()))  # no client-dp in PGA
 
     @property
     def state(self) -> State:

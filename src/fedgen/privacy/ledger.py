@@ -25,7 +25,8 @@ def party_reports(config: dict) -> dict:
 
 
 class RunPrivacy:
-    def __init__(self, cfg: Config, run_path: Path, num_params: int):
+    def __init__(self, cfg: Config, run_path: Path | None, num_params: int):
+        """`run_path`: where the coordinator keeps its client-level account (needed for client-dp only)."""
         self.cfg, self.privacy = cfg, cfg.privacy
         self.mode = cfg.privacy.mode
         self.reports: dict[str, dict] = {}

@@ -175,7 +175,9 @@ class FedDMRounds:
 
     def summary(self, record: dict) -> str:
         test = f"test loss {record['global_test_loss']:.4f}, " if record.get("global_test_loss") is not None else ""
-        return (f"{test}mean client loss {record['global_client_loss_mean']:.4f}, "
+        clients = record["global_client_loss"]
+        mean = f"mean client loss {record['global_client_loss_mean']:.4f}, " if clients else ""
+        return (f"{test}{mean}"
                 f"{len(record['aggregated'])}/{len(record['clients'])} clients")
 
     def round(self, r: int) -> tuple[dict, dict[int, State]]:
@@ -197,7 +199,8 @@ class FedDMRounds:
         record = {
             "event": "round", "round": r + 1, "clients": selected, "aggregated": ok,
             "rejected": {str(s): reason for s, reason in screened.rejected.items()},
-            "local_train_loss": {str(s): replies[s].config["mean_loss"] for s in ok},
+            "local_train_loss": {str(s): replies[s].config["mean_loss"] for s in ok
+                                 if "mean_loss" in replies[s].config},  # none under DP: not a release
             **_global_losses(ctx, self.scheduler, state, ok),
             "train_time_s": round(time.perf_counter() - t0, 3),
             "bytes_down": sum(payload_nbytes(q.arrays) for q in sent),
@@ -244,6 +247,8 @@ def _global_losses(ctx: _Context, scheduler, state: State, silos: list[int]) -> 
     n = ctx.cfg.log.loss_eval_samples
     if n == 0:
         return {"global_client_loss": {}, "global_client_loss_mean": float("nan"), "global_test_loss": None}
+    if ctx.cfg.privacy.mode != "none":  # a loss on private data is a release the accountant does not cover
+        silos = []
     requests = [Request(s, "evaluate", {"global": state}, {"max_samples": n}) for s in silos]
     replies = ctx.fed.pool.send(requests, timeout=ctx.cfg.runtime.round_timeout_s)
     per_client = {str(s): float(rep.config["loss"]) for s, rep in sorted(replies.items())
