@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 run() { echo "+ $*" >&2; "$@"; }
 # rerunnable: a finished training resumes to "nothing to train"; an evaluation or audit already logged is skipped
 once() { local event=$1 dir=$2; shift 2; grep -q "\"event\": \"$event\"" "$dir/metrics.jsonl" 2>/dev/null || run "$@"; }
-# 1. deliberately overfit: 200 training images, 2 silos, 300 local epochs each in total
+# 1. deliberately overfit: 200 training images, 2 silos, 300 local epochs each in total (and 40 images: 5.)
 run $FEDGEN train --preset fmnist-quick $T --set data.max_train_samples=200 --set fl.clients=2 \
   --set fl.clients_per_round=2 --set fl.rounds=30 --set fl.local_epochs=10 --out "$OUT/overfit"
 once audit "$OUT/overfit" $FEDGEN audit "$OUT/overfit" --n 200 --generated 1000
@@ -34,3 +34,7 @@ for name in none dp10; do
   once evaluate "$OUT/pga5-$name" $FEDGEN evaluate "$OUT/pga5-$name" --n 2000 --tstr --tstr-samples 4000
   once audit "$OUT/pga5-$name" $FEDGEN audit "$OUT/pga5-$name"
 done
+# 5. more overfit still: 40 training images, 3000 local epochs each
+run $FEDGEN train --preset fmnist-quick $T --set data.max_train_samples=40 --set fl.clients=2 \
+  --set fl.clients_per_round=2 --set fl.rounds=30 --set fl.local_epochs=100 --out "$OUT/overfit40"
+once audit "$OUT/overfit40" $FEDGEN audit "$OUT/overfit40" --n 40 --generated 1000

@@ -145,6 +145,7 @@ def sample(
     sigma: Annotated[str | None, typer.Option(help="ddpm variance: beta | beta-tilde (default: the config's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
     = None,
+    raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample a grid with one row per class from the global (or a client's) model."""
@@ -152,7 +153,7 @@ def sample(
     from fedgen.runtime.models import load_run_model
 
     with _user_errors():
-        loaded = load_run_model(run, client=client)
+        loaded = load_run_model(run, client=client, raw=raw)
         generator = loaded.sampler(sampler, steps, sigma, guidance)  # checks the options before any work
         per_class = math.ceil(n / len(loaded.classes))
         with progress_bar(console) as progress:
@@ -175,6 +176,7 @@ def evaluate(
     inception_weights: Annotated[Path | None, typer.Option(help="local FID Inception weights (.pth)")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
     = None,
+    raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """FID/KID/IS/precision-recall (domain, and Inception with local weights) and TSTR; appends to metrics.jsonl."""
@@ -184,7 +186,7 @@ def evaluate(
     from fedgen.runtime.models import load_run_model
 
     with _user_errors():
-        loaded = load_run_model(run, client=client)
+        loaded = load_run_model(run, client=client, raw=raw)
         updates = {"samples": n, "sampler": sampler, "steps": steps, "tstr_samples": tstr_samples,
                    "inception_weights": str(inception_weights) if inception_weights else None}
         if tstr:
@@ -213,7 +215,7 @@ def evaluate(
             if "local_real_accuracy_mean" in record:
                 record["tstr_minus_local_mean"] = record["tstr_accuracy"] - record["local_real_accuracy_mean"]
     record = {"event": "evaluate", "round": loaded.round, "model": "global" if client is None else f"client {client}",
-              **record}
+              "weights": loaded.weights, **record}
     RunDir(run).log(record)
     table = Table("metric", "value", title=loaded.source)
     for key, value in record.items():

@@ -105,6 +105,10 @@ class TrainConfig(_Section):
         0.0, ge=0, lt=1, description="share of training labels replaced by a null class (enables classifier-free "
         "guidance)"
     )
+    ema_decay: float = Field(
+        0.998, ge=0, lt=1, description="FedDM: EMA of the global weights, updated by the server after each "
+        "aggregation (decay min(ema_decay, (1+n)/(10+n)) at update n); sample/evaluate use it by default; 0: off"
+    )
 
 
 class LogConfig(_Section):

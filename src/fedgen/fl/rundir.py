@@ -33,6 +33,14 @@ class Checkpoint:
     global_state: State
     optimizer_state: dict | None
     extra: dict
+    ema: tuple[State, int] | None = None  # the EMA of the global weights (a full state) and its update count
+
+
+def _load_ema(path: Path, device) -> tuple[State, int] | None:
+    if not path.exists():
+        return None
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, int((f.metadata() or {})["updates"])
 
 
 def _contiguous(state: State) -> State:
@@ -164,6 +172,8 @@ class RunDir:
                       metadata={"trained_round": str(ckpt.round)})
         if ckpt.optimizer_state is not None:
             torch.save(ckpt.optimizer_state, tmp / "optimizer.pt")
+        if ckpt.ema is not None:
+            save_file(_contiguous(ckpt.ema[0]), tmp / "ema.safetensors", metadata={"updates": str(ckpt.ema[1])})
         (tmp / "state.json").write_text(json.dumps({"round": ckpt.round, **ckpt.extra}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # the commit point
@@ -192,6 +202,7 @@ class RunDir:
             global_state=load_file(d / "global.safetensors", device=str(device)),
             optimizer_state=torch.load(opt_path, map_location=device) if opt_path.exists() else None,
             extra=state,
+            ema=_load_ema(d / "ema.safetensors", device),
         )
 
     def load_client_model(self, client_id: int, device: torch.device | str = "cpu") -> tuple[State, int]:

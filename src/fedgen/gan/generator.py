@@ -59,7 +59,9 @@ class PGARounds:
     def optimizer_state(self) -> dict:
         return self.opt.state_dict()
 
-    def restore(self, state: State, optimizer_state) -> None:
+    ema = None  # PGA keeps no weight average
+
+    def restore(self, state: State, optimizer_state, ema=None) -> None:
         self.g.load_state_dict(state)
         if optimizer_state is not None:
             self.opt.load_state_dict(optimizer_state)

@@ -70,7 +70,7 @@ def audit_run(path: Path, *, n: int = 1000, generated: int = 2000, silo: int | N
     privacy = entry if isinstance(entry, dict) and "epsilon" in entry else None
     targets, (train_x, train_y), source = _targets(run, cfg, n, silo, seed)
     m = int(targets.member.sum())
-    record: dict = {"members": m, "non_members": m, "non_member_source": source,
+    record: dict = {"weights": loaded.weights, "members": m, "non_members": m, "non_member_source": source,
                     "member_silos": "all" if silo is None else silo}
     if privacy is not None:
         record |= {"dp_epsilon": privacy["epsilon"], "dp_delta": privacy["delta"], "dp_unit": privacy["unit"]}

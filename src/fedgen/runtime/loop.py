@@ -74,7 +74,7 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console
                  "num_params": sum(p.numel() for p in ctx.model.parameters()), "client_sizes": fed.sizes, **meta})
     else:
         start = ckpt.round
-        algorithm.restore(ckpt.global_state, ckpt.optimizer_state)
+        algorithm.restore(ckpt.global_state, ckpt.optimizer_state, ckpt.ema)
         run.truncate_metrics(start)
         algorithm.privacy.restore(run.read_metrics(), start)
         run.log({"event": "resume", "after_round": start, "runtime": fed.where})
@@ -95,7 +95,8 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console
             # commit first: the round record, then the checkpoint. Samples and evaluation come after, so a failed
             # or killed evaluation never loses the round and a resume never repeats it.
             run.log(record)
-            run.save_checkpoint(Checkpoint(r + 1, algorithm.state, algorithm.optimizer_state, meta), client_states,
+            run.save_checkpoint(Checkpoint(r + 1, algorithm.state, algorithm.optimizer_state, meta, algorithm.ema),
+                                client_states,
                                 keep=cfg.log.keep_checkpoints)
             console.print(f"round {r + 1}/{rounds}: {algorithm.summary(record)}, "
                           f"{privacy_summary(record['privacy'])}, {record['time_s']:.1f}s", highlight=False)
@@ -154,6 +155,7 @@ class FedDMRounds:
         outlier_ratio = math.inf if cfg.privacy.mode == "client-dp" else cfg.fl.max_update_norm_ratio
         self.server = FedAvgServer(len(fed.silos), per_round, cfg.train.seed, state, outlier_ratio)
         self.optimizer_state = None  # the centralized baseline's Adam state lives with its silo
+        self.averager = WeightAverage(ctx.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.privacy = RunPrivacy(cfg, ctx.run.path, sum(p.numel() for p in ctx.model.parameters()))
         if self.privacy.server is not None:
             _announce_client_dp(ctx, self.privacy)
@@ -162,14 +164,22 @@ class FedDMRounds:
     def state(self) -> State:
         return self.server.global_state
 
-    def restore(self, state: State, optimizer_state) -> None:
-        self.server.global_state = state
+    @property
+    def ema(self) -> tuple[State, int] | None:
+        return self.averager.state() if self.averager is not None else None
 
-    def sampler(self):
+    def restore(self, state: State, optimizer_state, ema: tuple[State, int] | None = None) -> None:
+        self.server.global_state = state
+        if self.averager is not None:
+            self.averager.restore(ema)
+
+    def sampler(self, raw: bool = False):
+        """The global model as a labelled generator: its EMA weights, unless `raw` or the run keeps none."""
         from fedgen.models.labelled import DiffusionSampler
         from fedgen.models.unet import null_label
 
-        self.ctx.model.load_state_dict(self.state)
+        use_ema = self.averager is not None and not raw
+        self.ctx.model.load_state_dict(self.averager.state()[0] if use_ema else self.state)
         return DiffusionSampler(self.ctx.model, self.ctx.cfg.diffusion, self.ctx.fed.image_shape,
                                 null_label(self.ctx.model, self.ctx.fed.num_classes))
 
@@ -195,6 +205,8 @@ class FedDMRounds:
             if isinstance(reply, Reply):
                 self.privacy.observe(silo, reply.config)
         state = self._aggregate(r, screened.accepted)
+        if self.averager is not None:
+            self.averager.update(state)
         ok = sorted(screened.accepted)
         record = {
             "event": "round", "round": r + 1, "clients": selected, "aggregated": ok,
@@ -239,6 +251,36 @@ def _announce_client_dp(ctx: _Context, privacy: RunPrivacy) -> None:
                           f"possible mean update (σ·sqrt(d)/K with d={privacy.num_params:,} parameters, K={fl.k}): "
                           f"client-level DP needs K in the thousands of clients per round for a useful model at "
                           f"this ε", highlight=False)
+
+
+class WeightAverage:
+    """The EMA of the global weights, kept by the server and updated after each aggregation: diffusers'
+    `EMAModel` (decay min(`decay`, (1 + n) / (10 + n)) at update n, so the first rounds are not stuck near the
+    initial weights)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        from diffusers.training_utils import EMAModel
+
+        if len(model.state_dict()) != len(list(model.parameters())):
+            raise ValueError("WeightAverage averages parameters: a model with buffers needs them carried too")
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.ema = EMAModel(model.parameters(), decay=decay)
+
+    def update(self, state: State) -> None:
+        self.model.load_state_dict(state)  # EMAModel averages parameters that require grad (else it copies)
+        self.ema.step(self.model.parameters())
+
+    def state(self) -> tuple[State, int]:
+        """(the averaged weights as a model state, the number of updates)."""
+        return ({n: p.detach().clone() for n, p in zip(self.names, self.ema.shadow_params, strict=True)},
+                self.ema.optimization_step)
+
+    def restore(self, saved: tuple[State, int] | None) -> None:
+        if saved is None:  # a run from before EMA existed: start averaging from the current weights
+            return
+        state, updates = saved
+        self.ema.load_state_dict({"optimization_step": updates, "shadow_params": [state[n] for n in self.names]})
 
 
 def _global_losses(ctx: _Context, scheduler, state: State, silos: list[int]) -> dict:
@@ -292,7 +334,9 @@ def _write_samples(ctx: _Context, algorithm, path: Path) -> None:
 
 
 def _log_evaluation(ctx: _Context, algorithm, round_idx: int) -> None:
-    ctx.run.log({"event": "evaluate", "round": round_idx, "model": "global", **_evaluate(ctx, algorithm)})
+    weights = "ema" if getattr(algorithm, "averager", None) is not None else "raw"
+    ctx.run.log({"event": "evaluate", "round": round_idx, "model": "global", "weights": weights,
+                 **_evaluate(ctx, algorithm)})
 
 
 def _evaluate(ctx: _Context, algorithm) -> dict:

@@ -21,6 +21,7 @@ class LoadedModel:
     image_shape: tuple[int, int, int]
     round: int  # the round the model is from: the last committed round, or the client's last trained round
     source: str
+    weights: str = "raw"  # "ema" (the server's average of the global weights), "raw", or "client"
 
     def sampler(self, sampler: str = "ddpm", steps: int | None = None, sigma: str | None = None,
                 guidance: float | None = None):
@@ -41,7 +42,9 @@ class LoadedModel:
 
 
 
-def load_run_model(path: Path, client: int | None = None, device: str | None = None) -> LoadedModel:
+def load_run_model(path: Path, client: int | None = None, device: str | None = None,
+                   raw: bool = False) -> LoadedModel:
+    """The run's global model (its EMA weights where the run keeps them, unless `raw`) or a client's."""
     run = RunDir(path)
     cfg = run.config()
     dev = resolve_device(device or cfg.train.device)
@@ -57,9 +60,14 @@ def load_run_model(path: Path, client: int | None = None, device: str | None = N
         model = new_generator(cfg, shape, len(classes), dev)
     else:
         model = new_model(cfg, shape, len(classes), dev)
+    weights = "client"
     if client is None:
-        model.load_state_dict(ckpt.global_state)
-        source = f"the {'generator' if cfg.algorithm == 'pga' else 'global model'} after round {ckpt.round}"
+        use_ema = ckpt.ema is not None and not raw
+        model.load_state_dict(ckpt.ema[0] if use_ema else ckpt.global_state)
+        weights = "ema" if use_ema else "raw"
+        what = "generator" if cfg.algorithm == "pga" else \
+            "global model (EMA weights)" if use_ema else "global model (raw weights)"
+        source = f"the {what} after round {ckpt.round}"
         return_round = ckpt.round
     else:
         state, trained_round = run.load_client_model(client, dev)
@@ -67,4 +75,4 @@ def load_run_model(path: Path, client: int | None = None, device: str | None = N
         source = f"client {client}'s local model, last trained in round {trained_round} of {ckpt.round}"
         return_round = trained_round
     model.eval()
-    return LoadedModel(cfg, model, classes, shape, return_round, source)
+    return LoadedModel(cfg, model, classes, shape, return_round, source, weights)
