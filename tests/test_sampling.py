@@ -36,7 +36,9 @@ LABELS = torch.tensor([0, 1, 2, 2, 1, 0])
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize(("sampler", "sigma", "steps"), [("ddpm", "beta", None), ("ddpm", "beta-tilde", None),
-                                                         ("ddim", None, 20), ("dpm-solver", None, 10)])
+                                                         ("ddim", None, 20), ("dpm-solver", None, 10),
+                                                         ("dpm-solver-3", None, 10), ("dpm-solver-sde", None, 20),
+                                                         ("unipc", None, 10)])
 @pytest.mark.parametrize("clip", [True, False])
 def test_exact_predictor_recovers_the_data(schedule, sampler, sigma, steps, clip):
     cfg = DiffusionConfig(timesteps=100, schedule=schedule, clip_x0=clip)
@@ -63,7 +65,7 @@ def test_seeded_and_bad_input():
         sample(model, cfg, LABELS, (1, 8, 8), sampler="euler")
     with pytest.raises(ValueError, match=r"steps must be in \[1, T=20\]"):
         sample(model, cfg, LABELS, (1, 8, 8), steps=50)
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm-solver"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm-solver", "dpm-solver-3", "dpm-solver-sde", "unipc"}
 
 
 class LabelConstant(torch.nn.Module):

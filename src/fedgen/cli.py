@@ -140,7 +140,8 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="grid PNG")],
     n: Annotated[int, typer.Option(min=1, help="number of images (rounded up to a full row per class)")] = 64,
     client: Annotated[int | None, typer.Option(help="sample client N's own final local model")] = None,
-    sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver (diffusion runs)")] = "ddpm",
+    sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver | dpm-solver-3 | dpm-solver-sde | "
+                                              "unipc (diffusion runs)")] = "ddpm",
     steps: Annotated[int | None, typer.Option(help="network evaluations (default: T for ddpm, 50 otherwise)")] = None,
     sigma: Annotated[str | None, typer.Option(help="ddpm variance: beta | beta-tilde (default: the config's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
@@ -168,7 +169,8 @@ def evaluate(
     client: Annotated[int | None, typer.Option(help="evaluate client N's personalised model")] = None,
     n: Annotated[int | None, typer.Option("--n", help="generated images (default: the config's, else test size)")]
     = None,
-    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | dpm-solver (default: the config's)")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | dpm-solver | dpm-solver-3 | dpm-solver-sde | "
+                                                     "unipc (default: the config's)")] = None,
     steps: Annotated[int | None, typer.Option(help="network evaluations per image")] = None,
     tstr: Annotated[bool, typer.Option("--tstr", help="also train on synthetic, test on real")] = False,
     tstr_samples: Annotated[int | None, typer.Option(help="synthetic training images (default: train size)")]

@@ -125,7 +125,7 @@ class EvalConfig(_Section):
     samples: int | None = Field(None, ge=10, description="generated images for FID etc. (None: test-set size)")
     # ancestral sampling respaced to 25 steps: on the default job's model it beat DPM-Solver++ and DDIM at the same
     # number of network evaluations (domain FID 23.3 vs 29.6 and 39.4; docs/PERFORMANCE.md, sampler table)
-    sampler: Literal["ddpm", "ddim", "dpm-solver"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "dpm-solver", "dpm-solver-3", "dpm-solver-sde", "unipc"] = "ddpm"
     steps: int | None = Field(25, ge=1, description="network evaluations per image (None: T for ddpm, else 50)")
     tstr: bool = Field(False, description="also train-on-synthetic/test-on-real")
     tstr_samples: int | None = Field(None, ge=10, description="synthetic training images (None: train-set size)")

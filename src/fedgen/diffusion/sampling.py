@@ -6,21 +6,26 @@
   (x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat; Lu et al. 2022): diffusers' DDIMScheduler takes the
   previous timestep as t - T // k, which is not the next timestep of its own trailing spacing when k does not
   divide T;
-- `dpm-solver`: DPM-Solver++ (2nd-order multistep).
-All three run over the run's own betas, so a model trained once serves every sampler.
+- `dpm-solver`: DPM-Solver++ (2nd-order multistep);
+- `dpm-solver-3`: DPM-Solver++ (3rd-order multistep);
+- `dpm-solver-sde`: SDE-DPM-Solver++ (2nd-order multistep, stochastic);
+- `unipc`: UniPC (bh2, 2nd-order predictor-corrector; Zhao et al. 2023).
+All run over the run's own betas and the same respaced timesteps, so a model trained once serves every sampler.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from torch import nn
 
 from fedgen.config import DiffusionConfig
 from fedgen.diffusion.schedule import betas, ddpm_scheduler, respaced_timesteps
 from fedgen.errors import UsageError
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver", "dpm-solver-3", "dpm-solver-sde", "unipc")
 SIGMAS = ("beta", "beta-tilde")
 
 
@@ -32,8 +37,23 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm", sigma: str | Non
     """A diffusers scheduler for `sampler` over the run's betas, its timesteps set to `steps` respaced ones
     (`respaced_timesteps`: the first is always T - 1)."""
     scheduler = _new_scheduler(cfg, sampler, sigma)
-    scheduler.set_timesteps(timesteps=respaced_timesteps(cfg.timesteps, resolve_steps(cfg, sampler, steps)))
+    timesteps = respaced_timesteps(cfg.timesteps, resolve_steps(cfg, sampler, steps))
+    if isinstance(scheduler, _RespacedUniPC):
+        scheduler.set_respaced(timesteps)
+    else:
+        scheduler.set_timesteps(timesteps=timesteps)
     return scheduler
+
+
+class _RespacedUniPC(UniPCMultistepScheduler):
+    """diffusers' UniPC, given explicit timesteps: its `set_timesteps` only spaces them itself (and its "trailing"
+    spacing returns k + 1 timesteps for some k). The sigmas follow from the timesteps exactly as in diffusers."""
+
+    def set_respaced(self, timesteps: list[int]) -> None:
+        self.set_timesteps(len(timesteps))  # resets the multistep state for that many steps
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+        self.sigmas = torch.cat([sigmas[self.timesteps], torch.zeros(1)]).float()
 
 
 def _new_scheduler(cfg: DiffusionConfig, sampler: str, sigma: str | None):
@@ -42,12 +62,14 @@ def _new_scheduler(cfg: DiffusionConfig, sampler: str, sigma: str | None):
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     trained = betas(cfg.schedule, cfg.timesteps).float().numpy()
-    return DPMSolverMultistepScheduler(num_train_timesteps=cfg.timesteps, trained_betas=trained,
-                                           algorithm_type="dpmsolver++", solver_order=1 if sampler == "ddim" else 2,
-                                           final_sigmas_type="zero",
-                                           prediction_type="epsilon",
-                                           # with sample_max_value 1, dynamic thresholding is a clip to [-1, 1]
-                                           thresholding=cfg.clip_x0, sample_max_value=1.0)
+    # with sample_max_value 1, dynamic thresholding is a clip of the predicted x_0 to [-1, 1]
+    common = dict(num_train_timesteps=cfg.timesteps, trained_betas=trained, prediction_type="epsilon",
+                  final_sigmas_type="zero", thresholding=cfg.clip_x0, sample_max_value=1.0)
+    if sampler == "unipc":
+        return _RespacedUniPC(solver_order=2, solver_type="bh2", predict_x0=True, **common)
+    order = {"ddim": 1, "dpm-solver-3": 3}.get(sampler, 2)
+    kind = "sde-dpmsolver++" if sampler == "dpm-solver-sde" else "dpmsolver++"
+    return DPMSolverMultistepScheduler(algorithm_type=kind, solver_order=order, **common)
 
 
 def resolve_steps(cfg: DiffusionConfig, sampler: str, steps: int | None) -> int:
@@ -110,6 +132,7 @@ def sample(
     out = []
     for chunk in labels.split(batch_size):
         scheduler = make_scheduler(cfg, sampler, sigma, steps)
+        noisy = "generator" in inspect.signature(scheduler.step).parameters  # UniPC's step takes none
         x = torch.randn((len(chunk), *image_shape), generator=generator).to(device) * scheduler.init_noise_sigma
         y = chunk.to(device)
         for t in scheduler.timesteps:
@@ -121,7 +144,7 @@ def sample(
                              class_labels=torch.cat([y, torch.full_like(y, null_label)])).sample
                 eps_y, eps_null = both.chunk(2)
                 eps = eps_null + guidance * (eps_y - eps_null)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            x = (scheduler.step(eps, t, x, generator=generator) if noisy else scheduler.step(eps, t, x)).prev_sample
             if progress is not None:
                 progress(len(chunk))
         out.append(x.clamp(-1, 1).cpu())
