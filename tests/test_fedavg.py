@@ -47,3 +47,18 @@ def test_client_sampling_is_seeded_uniform_without_replacement():
     assert sample_clients(10, 10, 0, 5) == list(range(10))
     with pytest.raises(ValueError):
         sample_clients(5, 6, 0, 0)
+
+
+def test_local_losses_are_checked_in_batches_naming_the_step():
+    import pytest
+    import torch
+
+    from fedgen.fl.client import NonFiniteLossError, _LossLog
+
+    log = _LossLog(2, 0)
+    for i in range(70):
+        log.add(torch.tensor(float("nan") if i == 66 else 1.0))
+    assert log.counted == 64 and log.total == 64.0  # the first 64 were read in one go, all finite
+    with pytest.raises(NonFiniteLossError, match=r"client 2, round 1: loss is nan at local step 66 \(checked steps "
+                                                 r"64-69\)"):
+        log.check()

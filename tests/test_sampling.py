@@ -247,3 +247,17 @@ def test_respaced_timesteps_start_at_pure_noise_for_every_k(T):
             assert len(ts) == k and ts[0] == T - 1, (sampler, k, ts[:3])
             assert all(b < a for a, b in zip(ts, ts[1:], strict=False)), (sampler, k)
             assert ts == trailing(T, k)
+
+
+def test_bf16_sampling_runs_the_network_under_autocast():
+    class Recorder(ExactEps):
+        def forward(self, x, t, class_labels):
+            self.seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return super().forward(x, t, class_labels)
+
+    cfg = DiffusionConfig(timesteps=50)
+    for bf16 in (False, True):
+        model = Recorder(cfg, PROTOS)
+        model.seen = []
+        out = sample(model, cfg, LABELS, (1, 8, 8), seed=0, sampler="unipc", steps=5, bf16=bf16)
+        assert model.seen == [bf16] * 5 and out.dtype == torch.float32

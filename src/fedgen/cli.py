@@ -147,6 +147,8 @@ def sample(
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
     = None,
     raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network (default: eval.bf16, bf16 autocast)")]
+    = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample a grid with one row per class from the global (or a client's) model."""
@@ -155,7 +157,7 @@ def sample(
 
     with _user_errors():
         loaded = load_run_model(run, client=client, raw=raw)
-        generator = loaded.sampler(sampler, steps, sigma, guidance)  # checks the options before any work
+        generator = loaded.sampler(sampler, steps, sigma, guidance, False if fp32 else None)  # checks the options
         per_class = math.ceil(n / len(loaded.classes))
         with progress_bar(console) as progress:
             sample_grid(generator, loaded.classes, per_class, out, seed=seed, with_palette=client is not None,
@@ -179,6 +181,8 @@ def evaluate(
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
     = None,
     raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network (default: eval.bf16, bf16 autocast)")]
+    = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """FID/KID/IS/precision-recall (domain, and Inception with local weights) and TSTR; appends to metrics.jsonl."""
@@ -193,6 +197,8 @@ def evaluate(
                    "inception_weights": str(inception_weights) if inception_weights else None}
         if tstr:
             updates["tstr"] = True
+        if fp32:
+            updates["bf16"] = False
         eval_raw = loaded.cfg.eval.model_dump() | {k: v for k, v in updates.items() if v is not None}
         ev = config_mod.validate(config_mod.to_dict(loaded.cfg) | {"eval": eval_raw}).eval
         if guidance is not None:
@@ -203,7 +209,7 @@ def evaluate(
                                  "for diffusion runs")
             generator = loaded.sampler()
         else:
-            generator = loaded.sampler(ev.sampler, ev.steps, None, guidance)  # checks the options before any work
+            generator = loaded.sampler(ev.sampler, ev.steps, None, guidance, ev.bf16)  # checks options first
         if ev.inception_weights:
             from fedgen.metrics.inception import check_inception_weights
 

@@ -114,6 +114,7 @@ def sample(
     guidance: float | None = None,
     null_label: int | None = None,
     batch_size: int = 256,
+    bf16: bool = False,
     progress=None,
 ) -> torch.Tensor:
     """Draw one image per label, in [-1, 1] (clamped at the end only), shape (N, C, H, W).
@@ -123,6 +124,7 @@ def sample(
     is `len(labels) * resolve_steps(...)`).
     Classifier-free guidance (w = `guidance`, default the config's) uses eps_null + w (eps_y - eps_null), with
     `null_label` the class the model was trained on for dropped labels; w = 1 is the plain conditional model.
+    `bf16`: the network runs under bfloat16 autocast (the scheduler's arithmetic stays float32).
     """
     steps = check_options(cfg, sampler=sampler, steps=steps, sigma=sigma, guidance=guidance, null_label=null_label)
     guidance = cfg.guidance if guidance is None else guidance
@@ -137,13 +139,14 @@ def sample(
         y = chunk.to(device)
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
-            if guidance == 1.0:
-                eps = model(x_in, t.to(device).expand(len(chunk)), class_labels=y).sample
-            else:
-                both = model(torch.cat([x_in, x_in]), t.to(device).expand(2 * len(chunk)),
-                             class_labels=torch.cat([y, torch.full_like(y, null_label)])).sample
-                eps_y, eps_null = both.chunk(2)
-                eps = eps_null + guidance * (eps_y - eps_null)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                if guidance == 1.0:
+                    eps = model(x_in, t.to(device).expand(len(chunk)), class_labels=y).sample.float()
+                else:
+                    both = model(torch.cat([x_in, x_in]), t.to(device).expand(2 * len(chunk)),
+                                 class_labels=torch.cat([y, torch.full_like(y, null_label)])).sample.float()
+                    eps_y, eps_null = both.chunk(2)
+                    eps = eps_null + guidance * (eps_y - eps_null)
             x = (scheduler.step(eps, t, x, generator=generator) if noisy else scheduler.step(eps, t, x)).prev_sample
             if progress is not None:
                 progress(len(chunk))

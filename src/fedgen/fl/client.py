@@ -5,7 +5,6 @@ Transport-free: a runtime (in-process loop, Flower app) hands it a state and get
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,6 +67,49 @@ class PrivateFit:
     generator: torch.Generator
 
 
+class _LossLog:
+    """The local losses, kept on the device: the host reads them (one synchronisation) every `CHECK_EVERY` steps
+    and at the end, instead of after every step. A non-finite loss aborts the update naming the step range where
+    it appeared; the steps after it until the check are wasted but never returned."""
+
+    CHECK_EVERY = 64
+
+    def __init__(self, client_id: int, round_idx: int):
+        self.client_id, self.round_idx = client_id, round_idx
+        self.pending: list[torch.Tensor] = []
+        self.first_pending = 0  # local step of pending[0]
+        self.steps, self.total, self.counted = 0, 0.0, 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        if not self.pending:
+            self.first_pending = self.steps
+        self.pending.append(loss)
+        self.steps += 1
+        if len(self.pending) == self.CHECK_EVERY:
+            self.check()
+
+    def skip(self) -> None:
+        self.steps += 1
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).float().cpu()
+        self.pending = []
+        if not torch.isfinite(values).all():
+            bad = int(torch.nonzero(~torch.isfinite(values))[0])
+            first, last = self.first_pending, self.first_pending + len(values) - 1
+            raise NonFiniteLossError(
+                f"client {self.client_id}, round {self.round_idx + 1}: loss is {values[bad].item()} at local step "
+                f"{first + bad} (checked steps {first}-{last})"
+            )
+        self.total += float(values.double().sum())
+        self.counted += len(values)
+
+    def mean(self) -> float:
+        return self.total / self.counted if self.counted else float("nan")
+
+
 def _clone_state(model: nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -110,7 +152,7 @@ class DiffusionClient:
                                      max_grad_norm=private.max_grad_norm, expected_batch_size=settings.batch_size,
                                      noise_generator=gen)
         rows = private.noise_multiplicity if private is not None else 1
-        total, steps, counted = 0.0, 0, 0
+        losses = _LossLog(self.client_id, round_idx)
         try:
             for idx in self._batches(settings, gen, private):
                 x0 = self.data.images[idx]
@@ -123,36 +165,28 @@ class DiffusionClient:
                 x0, y = x0.to(self.device).repeat_interleave(rows, 0), y.to(self.device).repeat_interleave(rows, 0)
                 if len(idx) == 0:  # an empty Poisson sample (DP only): a noise-only step
                     trainer.step(torch.zeros(0), 0)
-                    steps += 1
-                    if on_step is not None:
-                        on_step()
-                    continue
-                per_row = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16,
-                                         reduction="none")
-                value = per_row.mean().item()
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"client {self.client_id}, round {round_idx + 1}: loss is {value} at local step {steps}"
-                    )
-                if trainer is not None:
-                    trainer.step(per_row, len(idx))
+                    losses.skip()
                 else:
-                    optimizer.zero_grad(set_to_none=True)
-                    per_row.mean().backward()
-                    optimizer.step()
-                total += value
-                steps += 1
-                counted += 1
+                    per_row = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16,
+                                             reduction="none")
+                    losses.add(per_row.detach().mean())
+                    if trainer is not None:
+                        trainer.step(per_row, len(idx))
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        per_row.mean().backward()
+                        optimizer.step()
                 if on_step is not None:
                     on_step()
+            losses.check()
         finally:
             if trainer is not None:
                 trainer.close()
         return FitResult(
             state=_clone_state(model),
             num_examples=len(self.data),
-            mean_loss=total / counted if counted else float("nan"),
-            steps=steps,
+            mean_loss=losses.mean(),
+            steps=losses.steps,
             optimizer_state=optimizer.state_dict() if settings.keep_optimizer else None,
         )
 

@@ -70,7 +70,7 @@ def evaluation_generator(model, cfg: Config, ev: EvalConfig, num_classes: int, i
     if cfg.algorithm == "pga":
         return GANSampler(model)
     return DiffusionSampler(model, cfg.diffusion, tuple(image_shape), null_label(model, num_classes),
-                            sampler=ev.sampler, steps=ev.steps)
+                            sampler=ev.sampler, steps=ev.steps, bf16=ev.bf16)
 
 
 def inception_weights_path(ev: EvalConfig) -> str | None:

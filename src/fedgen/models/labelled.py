@@ -22,6 +22,7 @@ class DiffusionSampler:
     steps: int | None = None
     sigma: str | None = None
     guidance: float | None = None
+    bf16: bool = False  # bfloat16 autocast for the network
 
     @property
     def device(self) -> torch.device:
@@ -35,7 +36,8 @@ class DiffusionSampler:
 
     def describe(self) -> dict:
         return {"sampler": self.sampler, "steps": self.evaluations_per_image,
-                "guidance": self.diffusion.guidance if self.guidance is None else self.guidance}
+                "guidance": self.diffusion.guidance if self.guidance is None else self.guidance,
+                "sampling_precision": "bf16 autocast" if self.bf16 else "fp32"}
 
     def check(self) -> None:
         from fedgen.diffusion.sampling import check_options
@@ -48,7 +50,7 @@ class DiffusionSampler:
 
         return sample(self.model, self.diffusion, labels, self.image_shape, seed=seed, sampler=self.sampler,
                       steps=self.steps, sigma=self.sigma, guidance=self.guidance, null_label=self.null_label,
-                      progress=progress)
+                      bf16=self.bf16, progress=progress)
 
 
 @dataclass

@@ -181,7 +181,7 @@ class FedDMRounds:
         use_ema = self.averager is not None and not raw
         self.ctx.model.load_state_dict(self.averager.state()[0] if use_ema else self.state)
         return DiffusionSampler(self.ctx.model, self.ctx.cfg.diffusion, self.ctx.fed.image_shape,
-                                null_label(self.ctx.model, self.ctx.fed.num_classes))
+                                null_label(self.ctx.model, self.ctx.fed.num_classes), bf16=self.ctx.cfg.eval.bf16)
 
     def summary(self, record: dict) -> str:
         test = f"test loss {record['global_test_loss']:.4f}, " if record.get("global_test_loss") is not None else ""

@@ -24,7 +24,7 @@ class LoadedModel:
     weights: str = "raw"  # "ema" (the server's average of the global weights), "raw", or "client"
 
     def sampler(self, sampler: str = "ddpm", steps: int | None = None, sigma: str | None = None,
-                guidance: float | None = None):
+                guidance: float | None = None, bf16: bool | None = None):
         """The labelled generator of this model (models/labelled.py); sampler options apply to diffusion runs."""
         from fedgen.errors import UsageError
         from fedgen.models.labelled import DiffusionSampler, GANSampler
@@ -36,7 +36,8 @@ class LoadedModel:
                                  "--guidance are for diffusion runs")
             return GANSampler(self.model)
         generator = DiffusionSampler(self.model, self.cfg.diffusion, self.image_shape,
-                                     null_label(self.model, len(self.classes)), sampler, steps, sigma, guidance)
+                                     null_label(self.model, len(self.classes)), sampler, steps, sigma, guidance,
+                                     self.cfg.eval.bf16 if bf16 is None else bf16)
         generator.check()
         return generator
 
