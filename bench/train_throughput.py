@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
     args = ap.parse_args()
     device = resolve_device(args.device)
-    n = 4096 if device.type == "cuda" else 1024
+    n = 4096 if device.type == "cuda" else 2048
     peak = {"fp32": matmul_peak(device, torch.float32, n), "bf16": matmul_peak(device, torch.bfloat16, n)}
     rows = [bench_case(*case, device, args.repeats, args.steps) for case in CASES]
     plain = {(r["arch"], tuple(r["shape"]), r["bf16"]): r["median_img_per_s"] for r in rows if not r["dp"]}
