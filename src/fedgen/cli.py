@@ -147,7 +147,7 @@ def sample(
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
     = None,
     raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
-    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network (default: eval.bf16, bf16 autocast)")]
+    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network, whatever eval.bf16 says")]
     = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -181,7 +181,7 @@ def evaluate(
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
     = None,
     raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
-    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network (default: eval.bf16, bf16 autocast)")]
+    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network, whatever eval.bf16 says")]
     = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
