@@ -400,7 +400,7 @@ def test_memorisation_counts_near_copies():
     gen = torch.Generator().manual_seed(0)
     copies = x[:5] + 0.01 * torch.randn(5, *x.shape[1:], generator=gen)
     fresh = torch.rand(20, *x.shape[1:], generator=gen) * 2 - 1
-    result = audit.memorisation(torch.cat([copies, fresh]), torch.cat([y[:5], y[:20]]), x, y)
+    result = audit.memorisation(torch.cat([copies, fresh]), x)
     assert (result["ratio"][:5] < 0.1).all() and (result["ratio"][5:] > 0.5).all()
     assert result["nearest"][:5].tolist() == [0, 1, 2, 3, 4]
 

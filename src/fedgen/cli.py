@@ -293,7 +293,7 @@ def audit(
     with _user_errors():
         loaded = load_run_model(run)
         with progress_bar(console) as progress:
-            record = audit_run(run, n=n, generated=generated, silo=silo, seed=seed, timesteps=timesteps,
+            record = audit_run(run, loaded, n=n, generated=generated, silo=silo, seed=seed, timesteps=timesteps,
                                draws=draws, copy_ratio=copy_ratio, progress=progress,
                                log=lambda m: console.print(m, highlight=False))
     record = {"event": "audit", "round": loaded.round, "model": "global", **record}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.stats import beta as beta_dist
+from scipy.stats import rankdata
 
 
 @dataclass
@@ -48,15 +49,9 @@ def roc_points(member_scores: np.ndarray, other_scores: np.ndarray) -> tuple[np.
 
 def auc(member_scores: np.ndarray, other_scores: np.ndarray) -> float:
     """P(member score > non-member score) + P(tie)/2 (the Mann-Whitney statistic)."""
-    ranks = _ranks(np.concatenate([member_scores, other_scores]))
+    ranks = rankdata(np.concatenate([member_scores, other_scores]))
     m, n = len(member_scores), len(other_scores)
     return float((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(x)
 
 
 def tpr_at_fpr(member_scores: np.ndarray, other_scores: np.ndarray, fpr: float) -> float:
@@ -187,8 +182,7 @@ def distance_scores(targets: Targets, generated: torch.Tensor, generated_labels:
     return -nearest_distances(targets.images, targets.labels, generated, generated_labels)[:, 0].numpy()
 
 
-def memorisation(generated: torch.Tensor, generated_labels: torch.Tensor, train: torch.Tensor,
-                 train_labels: torch.Tensor, k: int = 50, copy_ratio: float = 1 / 3) -> dict:
+def memorisation(generated: torch.Tensor, train: torch.Tensor, k: int = 50, copy_ratio: float = 1 / 3) -> dict:
     """Nearest-neighbour ratios of generated images against the training images (any class)."""
     q, p = generated.flatten(1).double(), train.flatten(1).double()
     k = min(k, len(p))

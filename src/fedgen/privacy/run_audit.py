@@ -40,8 +40,7 @@ def _targets(run, cfg, n: int, silo: int | None, seed: int):
     images = to_tensor(np.concatenate([ref.train.images[mi], pool_images[ni]]))
     labels = torch.from_numpy(np.concatenate([ref.train.labels[mi], pool_labels[ni]]))
     targets = audit.Targets(images, labels, np.r_[np.ones(m, bool), np.zeros(m, bool)])
-    train = (to_tensor(ref.train.images[keep]), torch.from_numpy(ref.train.labels[keep]))
-    return targets, train, source
+    return targets, to_tensor(ref.train.images[keep]), source
 
 
 def _attack_record(prefix: str, members: np.ndarray, others: np.ndarray, seed: int, privacy: dict | None) -> dict:
@@ -54,21 +53,20 @@ def _attack_record(prefix: str, members: np.ndarray, others: np.ndarray, seed: i
     return out
 
 
-def audit_run(path: Path, *, n: int = 1000, generated: int = 2000, silo: int | None = None, seed: int = 0,
+def audit_run(path: Path, loaded, *, n: int = 1000, generated: int = 2000, silo: int | None = None, seed: int = 0,
               timesteps: int = 8, draws: int = 2, copy_ratio: float = 1 / 3, log=print, progress=None) -> dict:
+    """The audit record of `loaded` (runtime.models.load_run_model of the run at `path`)."""
     from fedgen.diffusion.schedule import ddpm_scheduler
     from fedgen.fl.rundir import RunDir
     from fedgen.metrics.evaluate import generate, labels_like
     from fedgen.report.progress import task
-    from fedgen.runtime.models import load_run_model
 
     run = RunDir(path)
-    loaded = load_run_model(path)
     cfg = loaded.cfg
     rounds = [r for r in run.read_metrics() if r.get("event") == "round"]
     entry = rounds[-1].get("privacy") if rounds else None
     privacy = entry if isinstance(entry, dict) and "epsilon" in entry else None
-    targets, (train_x, train_y), source = _targets(run, cfg, n, silo, seed)
+    targets, train_x, source = _targets(run, cfg, n, silo, seed)
     m = int(targets.member.sum())
     record: dict = {"weights": loaded.weights, "members": m, "non_members": m, "non_member_source": source,
                     "member_silos": "all" if silo is None else silo}
@@ -93,7 +91,7 @@ def audit_run(path: Path, *, n: int = 1000, generated: int = 2000, silo: int | N
     record |= {"generated": generated, **sampler.describe()}
     dist = audit.distance_scores(targets, fake.images, fake.labels)
     record |= _attack_record("mia_distance", dist[targets.member], dist[~targets.member], seed, privacy)
-    mem = audit.memorisation(fake.images, fake.labels, train_x, train_y, copy_ratio=copy_ratio)
+    mem = audit.memorisation(fake.images, train_x, copy_ratio=copy_ratio)
     png = run.path / "audit" / f"nearest_pairs_round_{loaded.round:04d}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     audit.pairs_image(fake.images, train_x, mem["ratio"], mem["nearest"], png)
