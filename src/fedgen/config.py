@@ -77,6 +77,20 @@ class FLConfig(_Section):
         10.0, gt=1, description="reject an update whose distance from the global weights exceeds this many times "
         "the median of the round's others (needs 3 or more updates)"
     )
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold"] = Field(
+        "fedavg", description="fedavg; server optimisers on the pseudo-gradient (Reddi et al. 2021): fedavgm, "
+        "fedadam, fedyogi, fedadagrad; client remedies: fedprox (proximal term), scaffold (control variates, "
+        "option II)"
+    )
+    server_lr: float | None = Field(
+        None, gt=0, description="server learning rate on the pseudo-gradient (None: 1 for fedavg, fedavgm, fedprox "
+        "and scaffold, where 1 is plain averaging; 0.01 for fedadam, fedyogi, fedadagrad)"
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: the server's momentum")
+    server_betas: tuple[float, float] = Field((0.9, 0.99), description="fedadam, fedyogi: (beta1, beta2)")
+    server_tau: float = Field(1e-3, gt=0, description="fedadam, fedyogi, fedadagrad: adaptivity tau (the "
+                              "optimiser's eps)")
+    prox_mu: float = Field(0.01, ge=0, description="fedprox: mu of the proximal term mu/2 |theta - theta_g|^2")
 
     @model_validator(mode="after")
     def _k_le_n(self) -> FLConfig:
@@ -85,6 +99,18 @@ class FLConfig(_Section):
                 f"fl.clients_per_round ({self.clients_per_round}) exceeds fl.clients ({self.clients})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _betas(self) -> FLConfig:
+        if not all(0 <= b < 1 for b in self.server_betas):
+            raise ValueError(f"fl.server_betas {self.server_betas}: each must be in [0, 1)")
+        return self
+
+    @property
+    def server_learning_rate(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 1e-2 if self.strategy in ("fedadam", "fedyogi", "fedadagrad") else 1.0
 
     @property
     def k(self) -> int:
@@ -220,6 +246,23 @@ class Config(_Section):
             raise ValueError("privacy.mode=client-dp needs clients: the centralized baseline has one (use dp-sgd)")
         if self.privacy.delta >= 1 / self.fl.clients:
             raise ValueError(f"privacy.delta={self.privacy.delta:g} is not below 1/N = 1/{self.fl.clients}")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> Config:
+        strategy = self.fl.strategy
+        if strategy == "fedavg":
+            return self
+        if self.algorithm == "pga":
+            raise ValueError(f"fl.strategy={strategy} changes how weights are averaged or trained locally; PGA "
+                             "averages no weights (leave fl.strategy=fedavg)")
+        if self.fl.centralized:
+            raise ValueError(f"fl.strategy={strategy}: the centralized baseline has one client and no aggregation "
+                             "(leave fl.strategy=fedavg)")
+        if strategy == "scaffold" and self.privacy.mode == "client-dp":
+            raise ValueError("fl.strategy=scaffold with privacy.mode=client-dp: each client would also send its "
+                             "control-variate change, a second per-client release that client-level DP neither "
+                             "clips nor noises (use dp-sgd, under which it is post-processing)")
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from torch import nn
 from fedgen.data.transforms import random_hflip
 from fedgen.diffusion.loss import diffusion_loss
 from fedgen.fl.aggregate import State
+from fedgen.fl.remedies import LocalRemedy
 from fedgen.seeding import generator
 
 
@@ -127,13 +128,14 @@ class DiffusionClient:
 
     def fit(self, global_state: State, round_idx: int, settings: TrainSettings,
             optimizer_state: dict | None = None, on_step: Callable[[], None] | None = None,
-            private: PrivateFit | None = None) -> FitResult:
+            private: PrivateFit | None = None, remedy: LocalRemedy | None = None) -> FitResult:
         """E epochs of Adam on the DDPM loss, starting from `global_state`.
 
         Data order, timesteps and noise come from a generator seeded by (seed, round, client), so the
         result does not depend on what ran before (resuming gives the same weights). A fresh Adam is
         used each round unless `settings.keep_optimizer` (the centralized baseline carries Adam's state).
-        With `private`, the steps are DP-SGD (Poisson batches, per-image clipping, noise).
+        With `private`, the steps are DP-SGD (Poisson batches, per-image clipping, noise). `remedy` (FedProx,
+        SCAFFOLD; fl/remedies.py) acts just before and after each optimiser step.
         """
         if len(self.data) == 0:
             raise ValueError(f"client {self.client_id} has no data: nothing to train on")
@@ -150,7 +152,7 @@ class DiffusionClient:
 
             trainer = PrivateTrainer(model, optimizer, noise_multiplier=private.noise_multiplier,
                                      max_grad_norm=private.max_grad_norm, expected_batch_size=settings.batch_size,
-                                     noise_generator=gen)
+                                     noise_generator=gen, before_step=remedy.before_step if remedy else None)
         rows = private.noise_multiplicity if private is not None else 1
         losses = _LossLog(self.client_id, round_idx)
         try:
@@ -175,7 +177,11 @@ class DiffusionClient:
                     else:
                         optimizer.zero_grad(set_to_none=True)
                         per_row.mean().backward()
+                        if remedy is not None:
+                            remedy.before_step()
                         optimizer.step()
+                if remedy is not None:
+                    remedy.after_step()
                 if on_step is not None:
                     on_step()
             losses.check()

@@ -24,14 +24,27 @@ def _distance(a: State, b: State) -> float:
     return math.sqrt(sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a if a[k].is_floating_point()))
 
 
+def _bad_control(delta: State | None, ref: State) -> str | None:
+    """Why a SCAFFOLD control-variate change cannot be used, or None."""
+    if delta is None:
+        return "reply holds no control-variate change (SCAFFOLD)"
+    want = {k for k, v in ref.items() if v.is_floating_point()}
+    if delta.keys() != want or any(delta[k].shape != ref[k].shape for k in want):
+        return "control-variate change has other keys or shapes than the global model"
+    if bad := [k for k, v in delta.items() if not torch.isfinite(v).all()]:
+        return f"control-variate change is not finite (NaN/Inf in {bad[0]})"
+    return None
+
+
 class FedAvgServer:
     def __init__(self, num_clients: int, per_round: int, seed: int, global_state: State,
-                 max_update_norm_ratio: float = 10.0):
+                 max_update_norm_ratio: float = 10.0, expects_control: bool = False):
         self.num_clients = num_clients
         self.per_round = per_round
         self.seed = seed
         self.global_state = global_state
         self.max_update_norm_ratio = max_update_norm_ratio
+        self.expects_control = expects_control  # SCAFFOLD: every reply carries its control-variate change
 
     def select(self, round_idx: int) -> list[int]:
         return sample_clients(self.num_clients, self.per_round, self.seed, round_idx)
@@ -59,6 +72,8 @@ class FedAvgServer:
                                       f"{tuple(state[bad[0]].shape)} vs {tuple(ref[bad[0]].shape)})")
             elif bad := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
                 out.rejected[silo] = f"update is not finite (NaN/Inf in {bad[0]})"
+            elif self.expects_control and (why := _bad_control(reply.arrays.get("control_delta"), ref)):
+                out.rejected[silo] = why
             else:
                 out.accepted[silo] = (state, int(reply.config["num_examples"]))
         if len(out.accepted) >= 3:
@@ -75,7 +90,7 @@ class FedAvgServer:
         return out
 
     def aggregate(self, accepted: dict[int, tuple[State, int]]) -> State:
-        """theta_g <- sum_i |D_i| / sum_j |D_j| theta_i over the accepted updates, in silo order."""
+        """sum_i |D_i| / sum_j |D_j| theta_i over the accepted updates, in silo order (the server optimiser,
+        fl/server_opt.py, then steps the global weights towards it)."""
         ids = sorted(accepted)
-        self.global_state = fedavg([accepted[i][0] for i in ids], [accepted[i][1] for i in ids])
-        return self.global_state
+        return fedavg([accepted[i][0] for i in ids], [accepted[i][1] for i in ids])

@@ -22,6 +22,7 @@ from fedgen.errors import FedgenError
 from fedgen.fl.aggregate import sample_clients
 from fedgen.fl.client import ClientData, DiffusionClient, NonFiniteLossError, PrivateFit, TrainSettings, evaluation_loss
 from fedgen.fl.protocol import Reply, Request
+from fedgen.fl.remedies import Proximal, ScaffoldCorrection
 
 
 class SiloDataError(FedgenError):
@@ -130,11 +131,13 @@ class FedDMWorker:
         round_idx = int(request.config["round"])
         saved = self.store.load(round_idx) or {} if self.store is not None else {}
         account, private = self._private_fit(saved, round_idx)
+        remedy = self._remedy(request, saved)
         try:
             result = self.client.fit(request.arrays["global"], round_idx, self.settings, saved.get("optimizer"),
-                                     on_step=self.on_step, private=private)
+                                     on_step=self.on_step, private=private, remedy=remedy)
         except NonFiniteLossError as exc:
             return Reply(self.silo, config={"error": str(exc)})
+        remedy_out = remedy.finish(result.steps) if remedy is not None else {}
         config = {"num_examples": result.num_examples, "steps": result.steps}
         if self.cfg.privacy.mode == "none":  # under DP, a loss on the silo's data would be an unaccounted release
             config["mean_loss"] = result.mean_loss
@@ -147,10 +150,25 @@ class FedDMWorker:
 
             state, norm = clip_update(state, request.arrays["global"], self.cfg.privacy.max_grad_norm)
             config["update_norm"] = norm
-        if self.store is not None and (self.settings.keep_optimizer or account is not None):
+        if self.store is not None and (self.settings.keep_optimizer or account is not None or remedy_out):
             self.store.save(round_idx + 1, {"optimizer": result.optimizer_state,
-                                            "privacy": account.to_dict() if account is not None else None})
-        return Reply(self.silo, arrays={"local": state}, config=config)
+                                            "privacy": account.to_dict() if account is not None else None,
+                                            "control": remedy_out.get("control")})
+        arrays = {"local": state} | ({"control_delta": remedy_out["control_delta"]} if remedy_out else {})
+        return Reply(self.silo, arrays=arrays, config=config)
+
+    def _remedy(self, request: Request, saved: dict):
+        """FedProx's proximal term or SCAFFOLD's correction for this fit (fl/remedies.py), or None. SCAFFOLD's
+        client variate c_i is the silo's own state, kept in its store from the last round it took part in."""
+        fl = self.cfg.fl
+        if fl.strategy == "fedprox":
+            return Proximal(self.client.model, request.arrays["global"], fl.prox_mu)
+        if fl.strategy != "scaffold":
+            return None
+        if self.store is None:
+            raise SiloDataError(f"silo {self.silo}: SCAFFOLD needs a state directory for its control variate")
+        return ScaffoldCorrection(self.client.model, request.arrays["global"], self.settings.lr,
+                                  request.arrays["control"], saved.get("control"))
 
     def _private_fit(self, saved: dict, round_idx: int):
         """(account, PrivateFit) for a DP-SGD silo, else (None, None). The account (sigma, q, steps so far) is the

@@ -13,6 +13,7 @@ generator: the subsampling the accountant's amplification assumes.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from opacus import GradSampleModule
@@ -56,7 +57,8 @@ class PrivateTrainer:
     sum, divided by the expected batch size (Opacus's DPOptimizer), for `optimizer` over `model`'s parameters."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, noise_generator: torch.Generator):
+                 max_grad_norm: float, expected_batch_size: int, noise_generator: torch.Generator,
+                 before_step: Callable[[], None] | None = None):
         check_model(model)
         try:
             with warnings.catch_warnings():
@@ -71,6 +73,8 @@ class PrivateTrainer:
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                      expected_batch_size=expected_batch_size, loss_reduction="mean",
                                      generator=noise_generator)
+        if before_step is not None:  # after clipping and noise, before the update (FedProx's data-free term)
+            self.optimizer.attach_step_hook(lambda _optimizer: before_step())
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def step(self, row_losses: torch.Tensor, records: int) -> None:

@@ -26,7 +26,9 @@ from fedgen.fl.client import evaluation_loss
 from fedgen.fl.experiment import new_model, resolve_device
 from fedgen.fl.protocol import Reply, Request, payload_nbytes
 from fedgen.fl.rundir import Checkpoint, RunDir
+from fedgen.fl.remedies import scaffold_server_update
 from fedgen.fl.server import FedAvgServer
+from fedgen.fl.server_opt import ServerOptimizer
 from fedgen.privacy.ledger import RunPrivacy
 from fedgen.privacy.ledger import summary as privacy_summary
 from fedgen.report.grid import sample_grid
@@ -153,8 +155,13 @@ class FedDMRounds:
         # client-level DP bounds each update by clipping; screening by the others' norms would make one client's
         # acceptance depend on another's data, outside the mechanism the accountant analyses
         outlier_ratio = math.inf if cfg.privacy.mode == "client-dp" else cfg.fl.max_update_norm_ratio
-        self.server = FedAvgServer(len(fed.silos), per_round, cfg.train.seed, state, outlier_ratio)
-        self.optimizer_state = None  # the centralized baseline's Adam state lives with its silo
+        self.scaffold = cfg.fl.strategy == "scaffold"
+        self.server = FedAvgServer(len(fed.silos), per_round, cfg.train.seed, state, outlier_ratio,
+                                   expects_control=self.scaffold)
+        self.server_optimizer = ServerOptimizer(cfg.fl, state)  # fedavg: SGD at lr 1, plain averaging
+        # SCAFFOLD's server variate c = sum_i p_i c_i (fl/remedies.py); each client's c_i lives with the client
+        self.control = {k: torch.zeros_like(v) for k, v in state.items() if v.is_floating_point()} \
+            if self.scaffold else None
         self.averager = WeightAverage(ctx.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.privacy = RunPrivacy(cfg, ctx.run.path, sum(p.numel() for p in ctx.model.parameters()))
         if self.privacy.server is not None:
@@ -168,8 +175,19 @@ class FedDMRounds:
     def ema(self) -> tuple[State, int] | None:
         return self.averager.state() if self.averager is not None else None
 
+    @property
+    def optimizer_state(self) -> dict | None:
+        """The server's own state beyond the weights: its optimiser's (moments, float64 master weights) and
+        SCAFFOLD's control variate; None for plain FedAvg (the centralized baseline's Adam lives with its silo)."""
+        saved = {"server_optimizer": self.server_optimizer.state_dict(), "scaffold_control": self.control}
+        return saved if any(v is not None for v in saved.values()) else None
+
     def restore(self, state: State, optimizer_state, ema: tuple[State, int] | None = None) -> None:
+        saved = optimizer_state or {}
         self.server.global_state = state
+        self.server_optimizer.load_state_dict(saved.get("server_optimizer"), state)
+        if self.scaffold and saved.get("scaffold_control") is not None:
+            self.control = saved["scaffold_control"]
         if self.averager is not None:
             self.averager.restore(ema)
 
@@ -194,7 +212,8 @@ class FedDMRounds:
         ctx, cfg, server = self.ctx, self.ctx.cfg, self.server
         t0 = time.perf_counter()
         selected = server.select(r)
-        sent = [Request(silo, "fit", {"global": server.global_state}, {"round": r}) for silo in selected]
+        arrays = {"global": server.global_state} | ({"control": self.control} if self.scaffold else {})
+        sent = [Request(silo, "fit", arrays, {"round": r}) for silo in selected]
         replies = ctx.fed.pool.send(sent, timeout=cfg.runtime.round_timeout_s, progress=ctx.progress)
         screened = server.screen(selected, replies)
         if len(screened.accepted) < cfg.fl.min_clients:
@@ -205,6 +224,10 @@ class FedDMRounds:
             if isinstance(reply, Reply):
                 self.privacy.observe(silo, reply.config)
         state = self._aggregate(r, screened.accepted)
+        if self.scaffold:
+            sizes = dict(enumerate(ctx.fed.sizes))
+            self.control = scaffold_server_update(
+                self.control, {s: replies[s].arrays["control_delta"] for s in screened.accepted}, sizes)
         if self.averager is not None:
             self.averager.update(state)
         ok = sorted(screened.accepted)
@@ -222,16 +245,19 @@ class FedDMRounds:
 
 
     def _aggregate(self, r: int, accepted: dict) -> State:
+        """The round's aggregate (FedAvg, or client-level DP's noised mean), then the server optimiser's step."""
         account = self.privacy.server
         if account is None:
-            return self.server.aggregate(accepted)
-        from fedgen.privacy.client_dp import noised_mean_update
-        from fedgen.privacy.secret import party_secret, secret_generator
+            target = self.server.aggregate(accepted)
+        else:
+            from fedgen.privacy.client_dp import noised_mean_update
+            from fedgen.privacy.secret import party_secret, secret_generator
 
-        gen = secret_generator(party_secret(self.ctx.run.path / "privacy"), "client-dp", r)
-        self.server.global_state = noised_mean_update(self.server.global_state, [accepted[s][0] for s in
-                                                      sorted(accepted)], self.ctx.cfg.fl.k,
-                                                      account.noise_multiplier, self.ctx.cfg.privacy.max_grad_norm, gen)
+            gen = secret_generator(party_secret(self.ctx.run.path / "privacy"), "client-dp", r)
+            target = noised_mean_update(self.server.global_state, [accepted[s][0] for s in sorted(accepted)],
+                                        self.ctx.cfg.fl.k, account.noise_multiplier,
+                                        self.ctx.cfg.privacy.max_grad_norm, gen)
+        self.server.global_state = self.server_optimizer.step(target)
         return self.server.global_state
 
 
