@@ -25,8 +25,8 @@ from fedgen.fl.aggregate import State
 from fedgen.fl.client import evaluation_loss
 from fedgen.fl.experiment import new_model, resolve_device
 from fedgen.fl.protocol import Reply, Request, payload_nbytes
-from fedgen.fl.rundir import Checkpoint, RunDir
 from fedgen.fl.remedies import scaffold_server_update
+from fedgen.fl.rundir import Checkpoint, RunDir
 from fedgen.fl.server import FedAvgServer
 from fedgen.fl.server_opt import ServerOptimizer
 from fedgen.privacy.ledger import RunPrivacy
