@@ -260,3 +260,39 @@ def test_refused_strategy_combinations_say_why(overrides, message):
         C.load("smoke", overrides=overrides)
     with pytest.raises(C.ConfigError, match="PGA averages no weights"):
         C.load("pga-smoke", overrides=["fl.strategy=fedprox"])
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def test_compare_labels_runs_by_their_differences_and_counts_compute(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedgen.cli import app
+    from fedgen.report.compare import compare
+
+    loss = "log.loss_eval_samples=16"
+    _smoke(tmp_path / "avg", loss, rounds=2)
+    _smoke(tmp_path / "adam", loss, "fl.strategy=fedadam", rounds=2)
+    _smoke(tmp_path / "cen", loss, "fl.centralized=true", rounds=1)
+    series, budget = compare([tmp_path / "avg", tmp_path / "adam", tmp_path / "cen"], "global_test_loss")
+    by_name = {s.run.name: s for s in series}
+    assert by_name["adam"].label == "centralized=False, strategy=fedadam"
+    assert by_name["cen"].label == "centralized=True, strategy=fedavg"
+    # image passes: local epochs (1) x the images of the clients trained in each round; centralized: all of them
+    records = RunDir(tmp_path / "avg").read_metrics()
+    sizes = records[0]["client_sizes"]
+    per_round = [sum(sizes[c] for c in r["clients"]) for r in records if r["event"] == "round"]
+    assert by_name["avg"].compute == [per_round[0], per_round[0] + per_round[1]]
+    assert by_name["cen"].compute == [sum(sizes)]
+    assert budget == min(sum(sizes), sum(per_round))
+    assert by_name["avg"].values == [r["global_test_loss"] for r in records if r["event"] == "round"]
+
+    plot = tmp_path / "cmp.png"
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "avg"), str(tmp_path / "adam"),
+                                      "--metric", "global_test_loss", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "strategy=fedadam" in result.output and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "avg"), "--metric", "fid_domain_test",
+                                      "--plot", str(plot)])
+    assert result.exit_code == 1 and "no run has 'fid_domain_test'" in result.output

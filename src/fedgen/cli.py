@@ -240,6 +240,43 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="run directories")],
+    metric: Annotated[str, typer.Option(help="a key of the runs' round or evaluate records, e.g. fid_domain_test, "
+                                             "global_test_loss")] = "fid_domain_test",
+    x: Annotated[str, typer.Option("--x", help="plot against compute (image passes) or rounds")] = "compute",
+    plot: Annotated[Path | None, typer.Option(help="PNG to write (default: compare-METRIC.png here)")] = None,
+) -> None:
+    """One metric across runs: a table labelled with what differs between their configs, and a PNG plot."""
+    from fedgen.report import compare as cmp
+
+    with _user_errors():
+        if x not in ("compute", "rounds"):
+            raise UsageError(f"--x must be compute or rounds, got {x!r}")
+        series, budget = cmp.compare(runs, metric)
+        path = plot or Path(f"compare-{metric}.png")
+        cmp.plot(series, metric, path, x)
+    goal = cmp.better(metric)
+    table = Table(title=f"{metric}, {goal} is better; compute in image passes, equal compute = "
+                  f"{cmp.passes(budget)} (the least of the runs)")
+    table.add_column("run", overflow="fold")
+    table.add_column("differs", overflow="fold", min_width=16)
+    for name in ("rounds", "passes", "last", "best (round)", "at equal compute"):
+        table.add_column(name)
+    for s in series:
+        row = [s.run.name, s.label, str(s.total_rounds), cmp.passes(s.total_compute)]
+        if not s.values:
+            table.add_row(*row, "-", "-", "-")
+            continue
+        best = (max if goal == "max" else min)(range(len(s.values)), key=lambda i: s.values[i])
+        at = cmp.at_compute(s, budget)
+        table.add_row(*row, f"{s.values[-1]:.4g}", f"{s.values[best]:.4g} ({s.rounds[best]})",
+                      "-" if at is None else f"{at:.4g}")
+    console.print(table)
+    console.print(f"plot: {path}")
+
+
+@app.command()
 def privacy(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
     """The run's privacy ledger: epsilon per silo and for the run, delta, accountant and every input."""
     from fedgen.fl.rundir import RunDir
