@@ -480,18 +480,19 @@ def read(path: Path) -> Config:
     return load(config_path=path)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as `section.key -> value`."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """Flattened `section.key -> (old, new)` for every differing value."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out |= flat(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a = flat(old.model_dump(mode="json"))
-    b = flat(new.model_dump(mode="json"))
+    a = flatten(old.model_dump(mode="json"))
+    b = flatten(new.model_dump(mode="json"))
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}

@@ -36,17 +36,7 @@ class Series:
     total_compute: float = 0.0
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _cumulative_compute(records: list[dict], cfg) -> dict[int, float]:
+def cumulative_compute(records: list[dict], cfg) -> dict[int, float]:
     """Image passes after each round."""
     start = next((r for r in records if r.get("event") == "start"), {})
     sizes = start.get("client_sizes") or []
@@ -67,8 +57,8 @@ def load_series(run: Path, metric: str) -> Series:
     rundir = RunDir(run)
     cfg = rundir.config()
     records = rundir.read_metrics()
-    compute = _cumulative_compute(records, cfg)
-    series = Series(run=Path(run), config=_flat(config_mod.to_dict(cfg)))
+    compute = cumulative_compute(records, cfg)
+    series = Series(run=Path(run), config=config_mod.flatten(config_mod.to_dict(cfg)))
     series.total_rounds = max(compute, default=0)
     series.total_compute = compute.get(series.total_rounds, 0.0)
     points: dict[int, float] = {}
