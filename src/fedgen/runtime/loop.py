@@ -198,8 +198,10 @@ class FedDMRounds:
 
         use_ema = self.averager is not None and not raw
         self.ctx.model.load_state_dict(self.averager.state()[0] if use_ema else self.state)
+        ev = self.ctx.cfg.eval  # training-time grids and evaluation use the evaluation sampler
         return DiffusionSampler(self.ctx.model, self.ctx.cfg.diffusion, self.ctx.fed.image_shape,
-                                null_label(self.ctx.model, self.ctx.fed.num_classes), bf16=self.ctx.cfg.eval.bf16)
+                                null_label(self.ctx.model, self.ctx.fed.num_classes), ev.sampler, ev.steps,
+                                bf16=ev.bf16)
 
     def summary(self, record: dict) -> str:
         test = f"test loss {record['global_test_loss']:.4f}, " if record.get("global_test_loss") is not None else ""
@@ -370,9 +372,7 @@ def _evaluate(ctx: _Context, algorithm) -> dict:
 
     if ctx.fed.reference is None:
         raise FedgenError("the coordinating side has no copy of the dataset to evaluate against")
-    generator = algorithm.sampler()
-    if hasattr(generator, "sampler"):  # diffusion: the evaluation sampler and steps
-        generator.sampler, generator.steps = ctx.cfg.eval.sampler, ctx.cfg.eval.steps
+    generator = algorithm.sampler()  # diffusion: the evaluation sampler, steps and precision
     record = evaluate_model(generator, ctx.cfg, ctx.fed.reference, ctx.cfg.eval, seed=ctx.cfg.train.seed,
                             log=lambda m: ctx.console.print(m, highlight=False), progress=ctx.progress)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("fid_", "is_", "tstr_acc"))
