@@ -171,7 +171,7 @@ def test_training_evaluates_every_k_rounds(tmp_path, monkeypatch):
     evaluations = [r for r in RunDir(out).read_metrics() if r["event"] == "evaluate"]
     assert [r["round"] for r in evaluations] == [2, 3]  # every 2 rounds, and always after the last
     for r in evaluations:
-        assert r["model"] == "global" and r["generated"] == 40 and r["sampler"] == "ddpm" and r["steps"] == 3
+        assert r["model"] == "global" and r["generated"] == 40 and r["sampler"] == "dpm-solver-sde" and r["steps"] == 3
         assert r["fid_domain_test"] > 0 and "is_domain" in r
 
 
