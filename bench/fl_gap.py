@@ -2,7 +2,7 @@
 and the FedDM paper's orderings (FID against beta, N, E, federated vs centralized).
 
     .venv/bin/python bench/fl_gap.py [--preset fmnist-quick] [--n 2000] [--only fedavg,scaffold] [--set k=v ...]
-    .venv/bin/python bench/fl_gap.py --grid orderings --preset smoke --set fl.rounds=20 --strategies fedavg,scaffold
+    .venv/bin/python bench/fl_gap.py --grid orderings --preset smoke --set fl.rounds=20 --strategies fedavg,scaffold,centralized
 
 Each variant of the preset is trained from scratch with fedgen's own loop into `--runs/<variant>` (an existing,
 complete run is reused), then `n` images with the test set's class proportions are drawn from its global model
@@ -13,7 +13,9 @@ images of each trained client, summed over rounds; fedgen compare's definition).
 `--grid gap` (default): one variant per strategy plus the centralized twin, given the FedAvg run's compute in whole
 epochs. `--grid orderings`: the paper's base (N=10 all participating, beta=0.5, E=5) and its variations
 beta in {0.1, 5}, N in {30, 50} with K=10, E in {1, 10}, and the centralized baseline (R x E epochs, the paper's
-definition), for each of `--strategies`. Prints a table, writes JSON.
+definition), for each of `--strategies`. Prints a table, writes JSON. Scores are kept in each run dir, so the grid
+can be split across processes (`--strategies fedavg,centralized` and `--strategies scaffold` with one thread each)
+and tabled by a last call with all of them.
 """
 
 from __future__ import annotations
@@ -66,9 +68,27 @@ def _jobs(args) -> list[tuple[str, list[str]]]:
     if args.grid == "gap":
         names = args.only.split(",") if args.only else list(VARIANTS)
         return [(n, VARIANTS[n]) for n in sorted(names, key=lambda n: n == "centralized")]
+    strategies = args.strategies.split(",")
     jobs = [(f"{v}/{strategy}", [*ORDERINGS_BASE, *ORDERINGS[v], *VARIANTS[strategy]])
-            for strategy in args.strategies.split(",") for v in ORDERINGS]
-    return [*jobs, ("centralized", [*ORDERINGS_BASE, "fl.centralized=true"])]
+            for strategy in strategies if strategy != "centralized" for v in ORDERINGS]
+    centralized = [("centralized", [*ORDERINGS_BASE, "fl.centralized=true"])] if "centralized" in strategies else []
+    return [*jobs, *centralized]
+
+
+def _score(run: Path, cfg, n: int, labels, real, extractor, classifier_key: str, device) -> dict:
+    """Domain FID of the run's global model, kept in the run dir so that a later invocation over the same runs
+    (another --strategies split, a combined table) does not sample again; keyed by everything the score depends on."""
+    key = {"n": n, "sampler": cfg.eval.sampler, "steps": cfg.eval.steps, "bf16": cfg.eval.bf16, "seed": 0,
+           "domain_classifier": classifier_key}
+    cache = run / "fl_gap_score.json"
+    if cache.exists() and (kept := json.loads(cache.read_text())).get("key") == key:
+        return kept["score"]
+    model = load_run_model(run, device=str(device))
+    x = sample(model.model, cfg.diffusion, labels, model.image_shape, seed=0, sampler=cfg.eval.sampler,
+               steps=cfg.eval.steps, bf16=cfg.eval.bf16)
+    score = {"fid_domain_test": fid(real, extractor.features_and_logits(x)[0]), "weights": model.weights}
+    cache.write_text(json.dumps({"key": key, "score": score}))
+    return score
 
 
 def main() -> None:
@@ -78,7 +98,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="generated images per variant")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--only", default=None, help="gap: comma-separated variant names")
-    ap.add_argument("--strategies", default="fedavg,scaffold", help="orderings: the strategies to run each for")
+    ap.add_argument("--strategies", default="fedavg,scaffold,centralized",
+                    help="orderings: the strategies to run each variation for; centralized: the baseline once")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every variant")
     ap.add_argument("--centralized-rounds", type=int, default=None, help="gap: epochs of the centralized twin")
     ap.add_argument("--runs", type=Path, default=None, help="default: bench/results/<grid>")
@@ -110,11 +131,7 @@ def main() -> None:
                "global_test_loss": [r for r in records if r.get("event") == "round"][-1].get("global_test_loss")}
         if fed_compute is None and name != "centralized":
             fed_compute, train_size = row["image_passes"], sum(records[0]["client_sizes"])
-        model = load_run_model(out, device=str(device))
-        x = sample(model.model, cfg.diffusion, labels, model.image_shape, seed=0, sampler=cfg.eval.sampler,
-                   steps=cfg.eval.steps, bf16=cfg.eval.bf16)
-        row["fid_domain_test"] = fid(real, extractor.features_and_logits(x)[0])
-        row["weights"] = model.weights
+        row.update(_score(out, cfg, args.n, labels, real, extractor, info["cache_key"], device))
         rows.append(row)
         print(f"{name:<18} FID {row['fid_domain_test']:7.2f}  test loss {row['global_test_loss']:.4f}  "
               f"passes {row['image_passes']:>10,.0f}  train {row['train_s']:6.1f}s", flush=True)
