@@ -78,7 +78,7 @@ def _jobs(args) -> list[tuple[str, list[str]]]:
 def _score(run: Path, cfg, n: int, labels, real, extractor, classifier_key: str, device) -> dict:
     """Domain FID of the run's global model, kept in the run dir so that a later invocation over the same runs
     (another --strategies split, a combined table) does not sample again; keyed by everything the score depends on."""
-    key = {"n": n, "sampler": cfg.eval.sampler, "steps": cfg.eval.steps, "bf16": cfg.eval.bf16, "seed": 0,
+    key = {"rounds": cfg.fl.rounds, "n": n, "sampler": cfg.eval.sampler, "steps": cfg.eval.steps, "bf16": cfg.eval.bf16, "seed": 0,
            "domain_classifier": classifier_key}
     cache = run / "fl_gap_score.json"
     if cache.exists() and (kept := json.loads(cache.read_text())).get("key") == key:
