@@ -2,7 +2,7 @@
 and the FedDM paper's orderings (FID against beta, N, E, federated vs centralized).
 
     .venv/bin/python bench/fl_gap.py [--preset fmnist-quick] [--n 2000] [--only fedavg,scaffold] [--set k=v ...]
-    .venv/bin/python bench/fl_gap.py --grid orderings --preset smoke --set fl.rounds=20 --strategies fedavg,scaffold,centralized
+    .venv/bin/python bench/fl_gap.py --grid orderings --preset smoke --set fl.rounds=20
 
 Each variant of the preset is trained from scratch with fedgen's own loop into `--runs/<variant>` (an existing,
 complete run is reused), then `n` images with the test set's class proportions are drawn from its global model
@@ -78,8 +78,8 @@ def _jobs(args) -> list[tuple[str, list[str]]]:
 def _score(run: Path, cfg, n: int, labels, real, extractor, classifier_key: str, device) -> dict:
     """Domain FID of the run's global model, kept in the run dir so that a later invocation over the same runs
     (another --strategies split, a combined table) does not sample again; keyed by everything the score depends on."""
-    key = {"rounds": cfg.fl.rounds, "n": n, "sampler": cfg.eval.sampler, "steps": cfg.eval.steps, "bf16": cfg.eval.bf16, "seed": 0,
-           "domain_classifier": classifier_key}
+    key = {"rounds": cfg.fl.rounds, "n": n, "sampler": cfg.eval.sampler, "steps": cfg.eval.steps,
+           "bf16": cfg.eval.bf16, "seed": 0, "domain_classifier": classifier_key}
     cache = run / "fl_gap_score.json"
     if cache.exists() and (kept := json.loads(cache.read_text())).get("key") == key:
         return kept["score"]
