@@ -24,10 +24,10 @@ def test_presets_validate_and_cover_the_paper_settings():
 
 def test_toml_file_then_overrides(tmp_path):
     path = tmp_path / "my.toml"
-    path.write_text('[data]\ndataset = "digits"\nbeta = 0.3\n[fl]\nrounds = 7\n')
+    path.write_text('[data]\ndataset = "image-folder"\nbeta = 0.3\n[fl]\nrounds = 7\n')
     cfg = C.load(config_path=path, overrides=["fl.rounds=20", "data.beta=0.1", "model.arch=tiny",
                                               "data.path=/some/where", "fl.clients_per_round=none"])
-    assert cfg.data.dataset == "digits"
+    assert cfg.data.dataset == "image-folder"
     assert cfg.fl.rounds == 20 and cfg.data.beta == 0.1 and cfg.model.arch == "tiny"
     assert cfg.data.path == "/some/where" and cfg.fl.clients_per_round is None
 

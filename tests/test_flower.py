@@ -72,9 +72,9 @@ def test_messages_carry_weights_bit_exactly():
     state = {"f32": torch.randn(3, 4, generator=gen), "f64": torch.randn(5, generator=gen, dtype=torch.float64),
              "f16": torch.randn(2, 2, generator=gen).half(), "i64": torch.arange(7)}
     request = Request(3, "fit", {"global": state}, {"round": 4, "nested": {"a": [1, 2]}})
-    message = codec.request_message(request, {"config": {"x": 1}, "key": "k"}, node_id=42, ttl=10.0, group="1")
+    message = codec.request_message(request, {"config": {"x": 1}, "id": "k"}, node_id=42, ttl=10.0, group="1")
     back, run = codec.decode_request(message)
-    assert (back.silo, back.kind, back.config, run) == (3, "fit", request.config, {"config": {"x": 1}, "key": "k"})
+    assert (back.silo, back.kind, back.config, run) == (3, "fit", request.config, {"config": {"x": 1}, "id": "k"})
     for k, v in state.items():
         assert back.arrays["global"][k].dtype == v.dtype and torch.equal(back.arrays["global"][k], v)
     reply = codec.decode_reply(codec.Message(codec._records({"local": state}, {"silo": 3, "config": {"n": 1}}),
@@ -164,7 +164,7 @@ def test_a_silo_whose_data_has_other_classes_refuses_the_run(tmp_path):
         for i in range(3):
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "silo" / cls / f"{i}.png")
     cfg = C.load("smoke", overrides=["data.dataset=image-folder", "data.image_size=8", "data.channels=1"])
-    run = {"config": C.to_dict(cfg), "key": "test"}
+    run = {"config": C.to_dict(cfg), "id": "test"}
     describe = Request(-1, "describe", config={"classes": [str(k) for k in range(10)], "image_shape": [1, 8, 8]})
     msg = codec.request_message(describe, run, node_id=7, ttl=10.0, group="0")
     node = {"partition-id": 1, "data-path": str(tmp_path / "silo"), "state-dir": str(tmp_path / "state")}

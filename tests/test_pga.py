@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from fedgen import config as C
 from fedgen.cli import app
 from fedgen.fl.client import ClientData
-from fedgen.fl.protocol import Reply, Request
+from fedgen.fl.protocol import Failure, Reply, Request
 from fedgen.fl.rundir import RunDir
 from fedgen.gan.generator import PGARounds
 from fedgen.gan.party import PGAParty
@@ -93,14 +93,18 @@ def test_party_loss_noise_has_sd_ratio_times_d():
 class _FakePool:
     """Parties with fixed answers: g_i, g_noised_i and dg_i/dfake = c_i (a constant image) per party."""
 
-    def __init__(self, answers: dict[int, tuple[float, float, float]]):
+    def __init__(self, answers: dict[int, tuple[float, float, float]], failing: set[int] = frozenset()):
         self.answers = answers
+        self.failing = set(failing)  # parties whose node does not answer
         self.requests = []
 
     def send(self, requests, timeout, progress=None):
         self.requests.extend(requests)
         out = {}
         for q in requests:
+            if q.silo in self.failing:
+                out[q.silo] = Failure(q.silo, f"no reply from node {q.silo} within 5s")
+                continue
             g, noised, c = self.answers[q.silo]
             arrays = {"grad": {"fake2": torch.full_like(q.arrays["batch"]["fake2"], c)}} if q.config["want_grad"] \
                 else {}
@@ -112,7 +116,8 @@ def _rounds(aggregation: str, answers, rho_max=5.0):
     cfg = C.load("pga-smoke", overrides=[f"pga.aggregation={aggregation}", f"pga.rho_max={rho_max}"])
     silos = [SimpleNamespace(silo=s) for s in range(3)]
     fed = SimpleNamespace(image_shape=(1, 8, 8), num_classes=10, silos=silos, pool=_FakePool(answers))
-    ctx = SimpleNamespace(cfg=cfg, fed=fed, device=torch.device("cpu"), progress=None, model=None)
+    ctx = SimpleNamespace(cfg=cfg, fed=fed, device=torch.device("cpu"), progress=None, model=None,
+                          console=Console(file=io.StringIO()), stop_on_fatal=lambda r, replies: None)
     return PGARounds(ctx), fed.pool
 
 
@@ -154,6 +159,37 @@ def test_generator_gradient_per_aggregation_mode(aggregation, scale):
     g(z2, y2).backward(torch.full((b, 1, 8, 8), rho * c))
     for name, p in g.named_parameters():
         torch.testing.assert_close(seen["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregation", ["ratio", "mean", "literal"])
+def test_a_failed_representative_skips_the_step_or_is_left_out_of_the_mean(aggregation):
+    """The step's representative does not answer: ratio and literal have no gradient to follow, so the step is
+    skipped and logged with the reason; mean averages the gradients of the parties that answered."""
+    answers = {0: (0.8, 0.9, 1.0), 1: (0.4, 0.5, 2.0), 2: (1.0, 1.3, 3.0)}
+    representative = _rounds(aggregation, answers)[0]._step(0, 0)["representative"]
+    rounds, pool = _rounds(aggregation, answers)
+    pool.failing = {representative}
+    stepped = []
+    rounds.opt.step = lambda: stepped.append(1)
+    out = rounds._step(0, 0)
+    assert out["representative"] == representative and representative in out["rejected"]
+    others = [p for p in answers if p != representative]
+    if aggregation == "mean":
+        assert out["skipped"] is None and stepped == [1]
+        assert out["g_representative"] == pytest.approx(np.mean([answers[p][0] for p in others]))
+    else:
+        assert stepped == [] and out["skipped"] == (f"party {representative} (the representative) did not answer: "
+                                                    f"no reply from node {representative} within 5s")
+    rounds, pool = _rounds(aggregation, answers)
+    pool.failing = {representative}
+    rounds.ctx.run = SimpleNamespace(committed_rounds=lambda: [])
+    record, _ = rounds.round(0)  # the whole round: the step is in its record, the round completes
+    assert record["rejected"][str(representative)] == f"no reply from node {representative} within 5s"
+    if aggregation == "mean":
+        assert record["skipped"] == [] and record["skipped_steps"] == 0
+    else:
+        assert {"step": 1, "why": out["skipped"]} in record["skipped"]
+        assert record["skipped_steps"] == len(record["skipped"]) >= 1
 
 
 def test_the_representative_is_uniform_over_parties():

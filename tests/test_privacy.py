@@ -286,8 +286,9 @@ def test_dp_on_flower_simulation_keeps_accounts_at_the_silos(tmp_path, monkeypat
                                                 "runtime.sim_cpus=2"]), out, QUIET)
     entry = _reports(out)[-1]
     assert sorted(entry["parties"]) == [str(s) for s in sample_clients(4, 3, 0, 0)]
-    assert not (out / "silos").exists()  # the accounts live in the silos' own state directories
-    states = list((tmp_path / "cache" / "silo-state").rglob("round_0001.pt"))
+    # the virtual silos keep their accounts where in-process silos do (the run directory), never in a cache
+    assert not (tmp_path / "cache" / "silo-state").exists()
+    states = list((out / "silos").rglob("round_0001.pt"))
     assert len(states) == 3 and all(torch.load(p, weights_only=False)["privacy"]["steps"] > 0 for p in states)
 
 

@@ -275,7 +275,7 @@ def test_compare_labels_runs_by_their_differences_and_counts_compute(tmp_path):
     _smoke(tmp_path / "avg", loss, rounds=2)
     _smoke(tmp_path / "adam", loss, "fl.strategy=fedadam", rounds=2)
     _smoke(tmp_path / "cen", loss, "fl.centralized=true", rounds=1)
-    series, budget = compare([tmp_path / "avg", tmp_path / "adam", tmp_path / "cen"], "global_test_loss")
+    series, budget, _ = compare([tmp_path / "avg", tmp_path / "adam", tmp_path / "cen"], "global_test_loss")
     by_name = {s.run.name: s for s in series}
     assert by_name["adam"].label == "centralized=False, strategy=fedadam"
     assert by_name["cen"].label == "centralized=True, strategy=fedavg"

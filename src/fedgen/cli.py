@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -17,23 +18,24 @@ from fedgen.report.progress import progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated training of generative image models across data silos.")
-console = Console()
-err = Console(stderr=True)
+# Output to a file or a pipe is not folded at 80 columns (tables would break words across lines)
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @contextmanager
 def _user_errors():
-    """fedgen's own errors (bad input, a state the user can fix) become one line and exit 1; anything else is a
-    bug and keeps its traceback."""
+    """fedgen's own errors (bad input, a state the user can fix) become one line and exit 1 (or the error's own
+    exit_code); anything else is a bug and keeps its traceback."""
     try:
         yield
     except FedgenError as exc:
-        _fail(str(exc))
+        _fail(str(exc), getattr(exc, "exit_code", 1))
 
 
 @app.command()
@@ -242,8 +244,9 @@ def evaluate(
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="run directories")],
-    metric: Annotated[str, typer.Option(help="a key of the runs' round or evaluate records, e.g. fid_domain_test, "
-                                             "global_test_loss")] = "fid_domain_test",
+    metric: Annotated[str | None, typer.Option(help="a key of the runs' round or evaluate records, e.g. "
+                                                    "fid_domain_test, global_test_loss (default: fid_domain_test, "
+                                                    "else global_test_loss where no run was evaluated)")] = None,
     x: Annotated[str, typer.Option("--x", help="plot against compute (image passes) or rounds")] = "compute",
     plot: Annotated[Path | None, typer.Option(help="PNG to write (default: compare-METRIC.png here)")] = None,
 ) -> None:
@@ -253,11 +256,13 @@ def compare(
     with _user_errors():
         if x not in ("compute", "rounds"):
             raise UsageError(f"--x must be compute or rounds, got {x!r}")
-        series, budget = cmp.compare(runs, metric)
-        path = plot or Path(f"compare-{metric}.png")
-        cmp.plot(series, metric, path, x)
-    goal = cmp.better(metric)
-    table = Table(title=f"{metric}, {goal} is better; compute in image passes, equal compute = "
+        series, budget, used = cmp.compare(runs, metric)
+        path = plot or Path(f"compare-{used}.png")
+        cmp.plot(series, used, path, x)
+    goal = cmp.better(used)
+    fallback = f" (no run was evaluated: the per-round {used} instead of {cmp.DEFAULT_METRICS[0]})" \
+        if metric is None and used != cmp.DEFAULT_METRICS[0] else ""
+    table = Table(title=f"{used}{fallback}, {goal} is better; compute in image passes, equal compute = "
                   f"{cmp.passes(budget)} (the least of the runs)")
     table.add_column("run", overflow="fold")
     table.add_column("differs", overflow="fold", min_width=16)
@@ -286,10 +291,14 @@ def privacy(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
         rundir = RunDir(run)
         cfg = rundir.config()
         rounds = [r for r in rundir.read_metrics() if r.get("event") == "round"]
+        twice = rundir.duplicate_rounds()
     if not rounds:
         _fail(f"{run} has no completed round yet")
     entry = rounds[-1].get("privacy")
     console.print(f"{run}: {len(rounds)} rounds, privacy.mode={cfg.privacy.mode}")
+    if twice:
+        console.print(f"[yellow]note:[/] metrics.jsonl records rounds {twice} twice (two writers, before run "
+                      "directories were locked); each is read once, the later record", highlight=False)
     if not isinstance(entry, dict):
         console.print(f"privacy: {entry}", highlight=False)
         return
@@ -427,7 +436,11 @@ def flower_supernode(
     port: Annotated[int, typer.Option(help="local port of this SuperNode (distinct per node on one machine)")]
     = 9094,
     max_wait: Annotated[float, typer.Option(help="give up after this many seconds without the SuperLink")] = 60.0,
-    state: Annotated[Path | None, typer.Option(help="folder for this silo's persistent state")] = None,
+    state: Annotated[Path | None, typer.Option(help="folder for this silo's persistent state: privacy accounts, "
+                                                    "noise secrets, control variates, discriminators. Keep it (and "
+                                                    "back it up) for the life of every run (default: "
+                                                    "$XDG_STATE_HOME/fedgen/silos, ~/.local/state/fedgen/silos)")]
+    = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="plaintext, no node authentication")] = False,
 ) -> None:
     """Run one silo's SuperNode: it trains on its own data only and sends back weights and metrics."""

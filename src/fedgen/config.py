@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -193,6 +194,9 @@ class RuntimeConfig(_Section):
     round_timeout_s: float = Field(600.0, gt=0, description="Flower: how long a round waits for replies")
     message_ttl_s: float | None = Field(None, gt=0, description="Flower: message lifetime (None: the round timeout)")
     wait_for_nodes_s: float = Field(120.0, gt=0, description="Flower: how long to wait for every silo at start")
+    link_timeout_s: float = Field(120.0, gt=0, description="Flower deployment: how long the ServerApp and `fedgen "
+                                  "train --runtime flower` wait for a SuperLink that stopped answering before they "
+                                  "stop with an error (the run resumes with the same command once it is back)")
     sim_cpus_per_client: float = Field(1.0, gt=0, description="flower-sim: CPUs reserved per virtual client")
     sim_cpus: int | None = Field(None, ge=1, description="flower-sim: CPUs given to Ray (None: all)")
 
@@ -268,6 +272,16 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _nothing_ignored(self) -> Config:
+        """A value the run would not use is an error, naming what to set instead: a setting silently ignored
+        (a privacy target without a privacy mode, above all) lets a user believe in a run that is not the one
+        trained. Values equal to their defaults are not "set"."""
+        problems = [f"  {key}: {why}" for key, why in ignored_settings(self)]
+        if problems:
+            raise ValueError("settings this run would ignore:\n" + "\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _pga_fits(self) -> Config:
         if self.algorithm != "pga":
             return self
@@ -287,6 +301,48 @@ class Config(_Section):
         return self
 
 
+def _changed(section: BaseModel, *names: str) -> list[str]:
+    """The fields of `section` among `names` (all if none) whose value differs from the section's default."""
+    default = type(section)()
+    return [n for n in (names or type(section).model_fields) if getattr(section, n) != getattr(default, n)]
+
+
+# FedDM-only settings (PGA trains a GAN: no diffusion, no U-Net, no weight averaging)
+_FEDDM_ONLY = {"model": (), "diffusion": (), "train": ("lr", "bf16", "label_dropout", "ema_decay"),
+               "fl": ("local_epochs", "max_update_norm_ratio"), "eval": ("sampler", "steps", "bf16"),
+               "log": ("loss_eval_samples",)}
+# the server-optimiser and remedy settings, by the strategies that read them
+_STRATEGY_KEYS = {"server_momentum": ("fedavgm",), "server_betas": ("fedadam", "fedyogi"),
+                  "server_tau": ("fedadam", "fedyogi", "fedadagrad"), "prox_mu": ("fedprox",)}
+
+
+def ignored_settings(cfg: Config) -> list[tuple[str, str]]:
+    """(key, what to do) for every value `cfg` sets that its privacy mode, algorithm, strategy or dataset does
+    not use."""
+    out: list[tuple[str, str]] = []
+    p = cfg.privacy
+    if p.mode == "none":
+        for name in _changed(p, "target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "accountant",
+                             "noise_multiplicity"):
+            out.append((f"privacy.{name}", "used only with a privacy mode: set privacy.mode=dp-sgd (record-level, "
+                                           "in each silo) or privacy.mode=client-dp"))
+    elif _changed(p, "noise_multiplicity") and (p.mode == "client-dp" or cfg.algorithm == "pga"):
+        out.append(("privacy.noise_multiplicity", "used only by FedDM with privacy.mode=dp-sgd"))
+    if cfg.algorithm == "feddm":
+        out += [(f"pga.{name}", "used only by algorithm=pga") for name in _changed(cfg.pga)]
+    else:
+        for section, names in _FEDDM_ONLY.items():
+            out += [(f"{section}.{name}", "used only by algorithm=feddm (PGA trains a GAN: see the pga section)")
+                    for name in _changed(getattr(cfg, section), *names)]
+    for name, strategies in _STRATEGY_KEYS.items():
+        if cfg.fl.strategy not in strategies and _changed(cfg.fl, name):
+            out.append((f"fl.{name}", f"used only with fl.strategy={' or '.join(strategies)}"))
+    if cfg.data.dataset == "digits" and cfg.data.path is not None:
+        out.append(("data.path", "data.dataset=digits is bundled with scikit-learn and reads no files (remove "
+                                 "data.path, or choose the dataset the files hold)"))
+    return out
+
+
 # Keys whose change on an existing run directory does not alter what the run computes.
 RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "log.loss_eval_samples",
                      "log.samples_per_class", "description",
@@ -294,7 +350,7 @@ RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_
                      "eval.tstr", "eval.tstr_samples",
                      "eval.inception_weights", "diffusion.sigma", "diffusion.guidance", "train.cpu_threads",
                      "fl.min_clients", "fl.max_update_norm_ratio", "runtime.round_timeout_s",
-                     "runtime.message_ttl_s", "runtime.wait_for_nodes_s", "runtime.sim_cpus_per_client",
+                     "runtime.message_ttl_s", "runtime.wait_for_nodes_s", "runtime.link_timeout_s", "runtime.sim_cpus_per_client",
                      "runtime.sim_cpus")
 
 
@@ -376,7 +432,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
             kinds = (zoo * 2)[:parties] if parties > 1 else ["dcgan"]
             base = {"algorithm": "pga", "data": {"dataset": dataset, "partition": "iid"},
                     "fl": {"clients": parties}, "pga": {"discriminators": kinds},
-                    "log": {"samples_per_class": 8, "loss_eval_samples": 0}}
+                    "log": {"samples_per_class": 8}}
             presets[f"pga-{short}-{parties}"] = _deep_update(copy.deepcopy(base), {
                 "description": f"PGA as the paper on {dataset}: {parties} part{'y' if parties == 1 else 'ies'} "
                 f"({', '.join(kinds)}), {epochs} epochs at batch {batch}; GPU-sized",
@@ -395,7 +451,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
         "fl": {"clients": 3, "rounds": 2},
         "train": {"batch_size": 32},
         "pga": {"discriminators": ["dcgan", "resnet", "mlp"], "steps_per_round": 5, "width": 16},
-        "log": {"samples_per_class": 4, "loss_eval_samples": 0},
+        "log": {"samples_per_class": 4},
     }
     presets["paper-ct"] = _paper(
         "image-folder",
@@ -419,6 +475,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _is_text_field(parts: list[str]) -> bool:
+    """Whether the config key `parts` (e.g. ["data", "path"]) holds text: `--set data.path=2024` is the string
+    "2024", not a number."""
+    model: Any = Config
+    for part in parts[:-1]:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return False
+        model = info.annotation
+    info = getattr(model, "model_fields", {}).get(parts[-1])
+    return info is not None and info.annotation in (str, str | None)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     for item in overrides:
@@ -431,19 +500,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = None if value.strip().lower() == "none" else _parse_value(value.strip())
+        text = value.strip()
+        if text.lower() == "none":
+            node[parts[-1]] = None
+        else:
+            node[parts[-1]] = text if _is_text_field(parts) else _parse_value(text)
     return raw
 
 
 def validate(raw: dict[str, Any]) -> Config:
+    """A Config from plain values (TOML, --set, JSON), strictly typed: `rounds = "3"` is refused like
+    `--set fl.rounds=abc`, never coerced."""
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate_json(json.dumps(raw), strict=True)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"]) or "config"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {field}: {msg}")
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {field}: {msg}" if err["loc"] else "  " + msg.replace("\n", "\n  "))
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 

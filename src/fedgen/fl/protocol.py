@@ -34,8 +34,13 @@ class Reply:
 
 @dataclass
 class Failure:
+    """A silo that did not answer usably. `fatal`: the silo refused because its persistent state is missing or
+    older than the run's ledger (fl/worker.SiloStateError); the round cannot go on without it (a missing privacy
+    account must stop the run, not be skipped past)."""
+
     silo: int
     reason: str
+    fatal: bool = False
 
 
 def payload_nbytes(arrays: dict[str, State]) -> int:

@@ -1,4 +1,10 @@
-"""A run is a directory (DESIGN section 2): config, partition, metrics, checkpoints, samples, client models.
+"""A run is a directory (DESIGN section 2): its id, config, partition, metrics, checkpoints, samples, client models.
+
+The run's id (`run.json`) is made once, when the run is created, and never changes: silos key their persistent
+state (privacy accounts, noise secrets, control variates, discriminators) by it, so every change `fedgen train`
+allows on an existing run (more rounds, `runtime.*`) keeps that state. One process trains a run directory at a
+time: `RunDir.lock()` holds an exclusive lock (`.lock`, naming the holder's PID and host) for the whole of
+training; a lock left by a process that died is released by the operating system with it.
 
 Checkpoints are committed atomically: a round is written to `checkpoints/round_NNNN.tmp/` and renamed
 to `round_NNNN/` only when complete, so killing the process at any moment leaves the last complete
@@ -8,9 +14,15 @@ round intact. Client models trained in a round ride in that round's directory an
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+import socket
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -47,9 +59,22 @@ def _contiguous(state: State) -> State:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+class RunLockedError(RunDirError):
+    """Another process is training this run directory."""
+
+
+def dedupe_rounds(records: list[dict]) -> list[dict]:
+    """`records` with one `round` record per round: where a round was recorded twice (two writers, or a record
+    from before this check existed), the later record, at its place. Counting a round twice would inflate the
+    rounds, the compute and (through the ledger) could mix two releases."""
+    last = {int(r["round"]): i for i, r in enumerate(records) if r.get("event") == "round"}
+    return [r for i, r in enumerate(records) if r.get("event") != "round" or last[int(r["round"])] == i]
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._new_id: str | None = None
 
     # layout
     @property
@@ -86,6 +111,47 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_path.exists()
 
+    # identity
+    @property
+    def id_path(self) -> Path:
+        return self.path / "run.json"
+
+    def run_id(self) -> str:
+        """The run's id: read from `run.json`, or (a run not yet created) made now and written with the config."""
+        if self.id_path.exists():
+            return str(json.loads(self.id_path.read_text())["run_id"])
+        if self._new_id is None:
+            self._new_id = uuid.uuid4().hex
+        return self._new_id
+
+    # one writer
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for the whole of training; refuse, naming the holder, while another process
+        holds it. The directory is created for the lock and removed again if nothing else was written."""
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                raise RunLockedError(f"{self.path} is being trained by {holder}; one process trains a run at a "
+                                     "time: wait for it to finish, or stop it first") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()} (since "
+                          f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC)\n".encode(), 0)
+            try:
+                yield self
+            finally:
+                os.ftruncate(fd, 0)
+                if created and {p.name for p in self.path.iterdir()} <= {".lock"}:
+                    shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            os.close(fd)  # releases the lock
+
     # config
     def check(self, cfg: Config) -> bool:
         """True if this directory already holds a run of `cfg`; refuses a run of another config."""
@@ -103,9 +169,31 @@ class RunDir:
             )
         return True
 
+    def wait_unlocked(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for no process to hold the run directory; True once none does."""
+        import time
+
+        path = self.path / ".lock"
+        deadline = time.monotonic() + timeout
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+            finally:
+                os.close(fd)
+            time.sleep(0.2)
+
     def write_config(self, cfg: Config) -> None:
         for d in (self.path, self.checkpoints, self.samples, self.clients):
             d.mkdir(parents=True, exist_ok=True)
+        if not self.id_path.exists():
+            tmp = self.id_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"run_id": self.run_id(), "created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}"}))
+            tmp.replace(self.id_path)
         config_mod.save(cfg, self.config_path)
 
     def config(self) -> Config:
@@ -138,9 +226,24 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """The run's records, one `round` record per round (`dedupe_rounds`)."""
+        return dedupe_rounds(self._raw_metrics())
+
+    def _raw_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def duplicate_rounds(self) -> list[int]:
+        """Rounds recorded more than once in metrics.jsonl (read as one: the later record)."""
+        seen: dict[int, int] = {}
+        for r in self._raw_metrics():
+            if r.get("event") == "round":
+                seen[int(r["round"])] = seen.get(int(r["round"]), 0) + 1
+        return sorted(k for k, n in seen.items() if n > 1)
+
+    def round_records(self) -> list[dict]:
+        return [r for r in self.read_metrics() if r.get("event") == "round"]
 
     def truncate_metrics(self, completed_rounds: int) -> None:
         """Drop round records past the last checkpoint (written by a run killed before it committed)."""

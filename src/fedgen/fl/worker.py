@@ -29,6 +29,40 @@ class SiloDataError(FedgenError):
     """A silo's data does not fit the run (other classes, another image shape, none at all)."""
 
 
+class SiloStateError(FedgenError):
+    """A silo's persistent state is missing or older than what the run's ledger says it released: it refuses to
+    train rather than start a fresh privacy account (under-reporting epsilon) or a fresh noise secret (a second
+    release of a redone round). The coordinator stops the run on it (fl/protocol.Failure.fatal)."""
+
+
+def private_state(silo: int, store: SiloStateStore | None, account, known_steps: int, round_idx: int):
+    """Check a DP party's loaded account against the `known_steps` the coordinator's ledger holds for it, and
+    return its noise secret. A party with no account at all, or fewer steps than the ledger, or no secret after it
+    released noise, refuses (SiloStateError naming the party and the folder)."""
+    from fedgen.privacy.secret import MissingSecretError, party_secret
+
+    if store is None:
+        raise SiloDataError(f"silo {silo}: DP-SGD needs a state directory for its privacy account")
+    where = f"its state folder {store.path}"
+    keep = ("restore that folder from a backup (it must be kept for the life of the run), or point the silo at "
+            "the folder it trained with; the run stays at its last checkpoint")
+    if account is None and known_steps > 0:
+        raise SiloStateError(f"silo {silo}: the run's privacy ledger has {known_steps} DP-SGD steps of this silo, "
+                             f"but {where} holds no privacy account as of round {round_idx}; refusing to start "
+                             f"again at epsilon = 0: {keep}")
+    if account is not None and account.steps < known_steps:
+        raise SiloStateError(f"silo {silo}: {where} holds a privacy account of {account.steps} DP-SGD steps, "
+                             f"fewer than the {known_steps} the run's ledger has for it (an older copy?); "
+                             f"refusing to under-report epsilon: {keep}")
+    released = known_steps > 0 or (account is not None and account.steps > 0)
+    try:
+        return party_secret(store.path, create=not released)
+    except MissingSecretError as exc:
+        raise SiloStateError(f"silo {silo}: {where} has no noise secret ({exc.args[0]}) but this silo has "
+                             f"released DP-noised results already; a new secret would make a redone round a "
+                             f"second, unaccounted release: {keep}") from None
+
+
 class SiloStateStore:
     """Per-silo persistent state, one file per round: `save(r, state)` after round r, `load(r)` the state as of
     round r (the newest saved at or before r). Rounds after r (written by a run killed before it committed them)
@@ -130,7 +164,7 @@ class FedDMWorker:
     def _fit(self, request: Request) -> Reply:
         round_idx = int(request.config["round"])
         saved = self.store.load(round_idx) or {} if self.store is not None else {}
-        account, private = self._private_fit(saved, round_idx)
+        account, private = self._private_fit(saved, round_idx, int(request.config.get("privacy_steps", 0)))
         remedy = self._remedy(request, saved)
         try:
             result = self.client.fit(request.arrays["global"], round_idx, self.settings, saved.get("optimizer"),
@@ -170,25 +204,23 @@ class FedDMWorker:
         return ScaffoldCorrection(self.client.model, request.arrays["global"], self.settings.lr,
                                   request.arrays["control"], saved.get("control"))
 
-    def _private_fit(self, saved: dict, round_idx: int):
+    def _private_fit(self, saved: dict, round_idx: int, known_steps: int):
         """(account, PrivateFit) for a DP-SGD silo, else (None, None). The account (sigma, q, steps so far) is the
-        silo's own, kept in its store: opened on its first fit, for the rounds it will take part in."""
+        silo's own, kept in its store: opened on its first fit, for the rounds it will take part in. `known_steps`:
+        the steps the coordinator's ledger holds for this silo (`private_state` refuses if the store has fewer)."""
         privacy = self.cfg.privacy
         if privacy.mode != "dp-sgd":
             return None, None
         from fedgen.privacy.accountant import Account, open_account
         from fedgen.privacy.dpsgd import poisson_plan
-        from fedgen.privacy.secret import party_secret, secret_generator
+        from fedgen.privacy.secret import secret_generator
 
-        if self.store is None:
-            raise SiloDataError(f"silo {self.silo}: DP-SGD needs a state directory for its privacy account")
         q, per_epoch = poisson_plan(len(self.data), self.settings.batch_size)
-        if saved.get("privacy"):
-            account = Account.from_dict(saved["privacy"])
-        else:
+        account = Account.from_dict(saved["privacy"]) if saved.get("privacy") else None
+        secret = private_state(self.silo, self.store, account, known_steps, round_idx)
+        if account is None:
             planned = planned_rounds(self.cfg, self.silo) * self.settings.epochs * per_epoch
             account = open_account(privacy, q, planned, len(self.data))
-        secret = party_secret(self.store.path)
         return account, PrivateFit(account.noise_multiplier, privacy.max_grad_norm, q, per_epoch,
                                    privacy.noise_multiplicity, secret_generator(secret, "dp-fit", round_idx))
 

@@ -69,9 +69,8 @@ class PGARounds:
     def _non_finite(self, r: int, s: int, what: str):
         from fedgen.runtime.loop import TrainingAborted
 
-        last = self.ctx.run.committed_rounds()
         return TrainingAborted(f"round {r + 1} aborted at generator step {s + 1}: {what}. Nothing was written for "
-                               f"this round; the last good checkpoint is round {last[-1] if last else 'none'}; lower "
+                               f"this round; the last good checkpoint is {self.ctx.last_checkpoint()}; lower "
                                "pga.lr_generator / pga.lr_discriminator or check the data.")
 
     def sampler(self):
@@ -90,21 +89,25 @@ class PGARounds:
         t0 = time.perf_counter()
         d_sum, g_sum, live_steps = Counter(), Counter(), Counter()
         representatives, rejected, rhos, g_reps, noised_means = Counter(), {}, [], [], []
-        bytes_down = bytes_up = skipped = 0
+        bytes_down = bytes_up = 0
+        skipped: list[dict] = []  # generator steps without an update, and why
         steps = cfg.pga.steps_per_round
         with task(ctx.progress, f"round {r + 1}: generator steps", steps) as advance:
             for s in range(steps):
                 out = self._step(r, s)
-                for silo, reply in out["live"].items():
-                    self.privacy.observe(silo, reply.config)
+                for silo, reply in sorted(out["live"].items()):
+                    self.privacy.observe(silo, reply.config, r)
                     d_sum[silo] += reply.config["d"]
                     g_sum[silo] += reply.config["g"]
                     live_steps[silo] += 1
                 for silo, reason in out["rejected"].items():
                     rejected.setdefault(str(silo), reason)
                 representatives[out["representative"]] += 1
-                skipped += out["skipped"]
-                if not out["skipped"]:
+                if out["skipped"]:
+                    skipped.append({"step": s + 1, "why": out["skipped"]})
+                    ctx.console.print(f"[yellow]round {r + 1}, generator step {s + 1} skipped:[/] {out['skipped']}",
+                                      highlight=False)
+                else:
                     rhos.append(out["rho"])
                     g_reps.append(out["g_representative"])
                 noised_means.append(out["noised_mean"])
@@ -120,7 +123,7 @@ class PGARounds:
             "g_representative_mean": float(np.mean(g_reps)) if g_reps else None,
             "noised_loss_mean": float(np.mean(noised_means)),
             "rho_mean": float(np.mean(rhos)) if rhos else None, "rho_min": float(np.min(rhos)) if rhos else None,
-            "rho_max": float(np.max(rhos)) if rhos else None, "skipped_steps": skipped,
+            "rho_max": float(np.max(rhos)) if rhos else None, "skipped_steps": len(skipped), "skipped": skipped,
             "noise_sd_mean": {str(k): cfg.pga.noise_ratio * d_sum[k] / live_steps[k] for k in sorted(live_steps)},
             "representatives": {str(k): v for k, v in sorted(representatives.items())},
             "rejected": rejected,
@@ -144,11 +147,13 @@ class PGARounds:
         batch = {"fake1": fake1.cpu(), "labels1": y1, "fake2": fake2.detach().cpu(), "labels2": y2}
         everyone_grads = cfg.pga.aggregation == "mean"
         requests = [Request(p, "pga-step", {"batch": batch},
-                            {"round": r, "step": s, "want_grad": everyone_grads or p == representative})
+                            {"round": r, "step": s, "want_grad": everyone_grads or p == representative,
+                             "privacy_steps": self.privacy.known_steps(p)})
                     for p in self.parties]
         if not torch.isfinite(fake2).all():
             raise self._non_finite(r, s, "the generator's output is NaN/Inf")
         replies = ctx.fed.pool.send(requests, timeout=cfg.runtime.round_timeout_s)
+        ctx.stop_on_fatal(r, replies)
         live = {p: rep for p, rep in replies.items() if isinstance(rep, Reply) and "error" not in rep.config}
         rejected = {p: (rep.reason if not isinstance(rep, Reply) else rep.config["error"])
                     for p, rep in replies.items() if p not in live}
@@ -163,16 +168,19 @@ class PGARounds:
         result = {"live": live, "rejected": rejected, "representative": representative,
                   "noised_mean": noised_mean, "bytes_down": sum(payload_nbytes(q.arrays) for q in requests),
                   "bytes_up": sum(payload_nbytes(rep.arrays) for rep in live.values())}
-        if not with_grad:  # the representative (the only party asked for a gradient) did not answer: no update
-            return result | {"rho": float("nan"), "g_representative": float("nan"), "skipped": True}
-        g_rep = float(live[representative].config["g"])
-        if cfg.pga.aggregation == "mean":
+        if not with_grad:  # no party that was asked for a gradient answered: no update this step
+            why = f"party {representative} (the representative) did not answer: {rejected.get(representative, '?')}" \
+                if cfg.pga.aggregation != "mean" else "no party returned a gradient"
+            return result | {"rho": float("nan"), "g_representative": float("nan"), "skipped": why}
+        if cfg.pga.aggregation == "mean":  # the mean of the live parties' gradients; the representative may be gone
             grad = torch.stack([live[p].arrays["grad"]["fake2"] for p in with_grad]).mean(0)
+            g_rep = float(np.mean([live[p].config["g"] for p in with_grad]))
             rho = 1.0
         else:
+            g_rep = float(live[representative].config["g"])
             grad = live[representative].arrays["grad"]["fake2"]
             rho = min(max(noised_mean / g_rep, 0.0), cfg.pga.rho_max) if cfg.pga.aggregation == "ratio" else 1.0
         self.opt.zero_grad(set_to_none=True)
         fake2.backward((rho * grad).to(device))
         self.opt.step()
-        return result | {"rho": rho, "g_representative": g_rep, "skipped": False}
+        return result | {"rho": rho, "g_representative": g_rep, "skipped": None}

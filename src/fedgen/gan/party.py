@@ -21,7 +21,7 @@ from torch import nn
 from fedgen.config import Config
 from fedgen.fl.client import ClientData
 from fedgen.fl.protocol import Reply, Request
-from fedgen.fl.worker import SiloDataError, SiloStateStore, describe_silo
+from fedgen.fl.worker import SiloDataError, SiloStateError, SiloStateStore, describe_silo, private_state
 from fedgen.models.gan import build_discriminator
 from fedgen.seeding import derive_seed, generator
 
@@ -54,7 +54,7 @@ class PGAParty:
             torch.manual_seed(derive_seed(self.cfg.train.seed, "pga-init-d", self.silo))
             self.d = build_discriminator(self.kind, self.image_shape, len(self.classes), self.private).to(self.device)
         self.opt = torch.optim.Adam(self.d.parameters(), lr=self.cfg.pga.lr_discriminator, betas=BETAS)
-        self.trainer, self.account = None, None
+        self.trainer, self.account, self.secret = None, None, None
         if self.private:  # DP-SGD on the discriminator; sigma and the noise generator are set per step
             from fedgen.privacy.dpsgd import PrivateTrainer
 
@@ -82,7 +82,7 @@ class PGAParty:
         return {"position": self.position, "d": self.d.state_dict(), "opt": self.opt.state_dict(),
                 "privacy": self.account.to_dict() if self.account is not None else None}
 
-    def _load(self, state: dict | None, position: int) -> None:
+    def _load(self, state: dict | None, position: int, known_steps: int) -> None:
         self._fresh()
         if state is not None:
             self.d.load_state_dict(state["d"])
@@ -91,15 +91,17 @@ class PGAParty:
             from fedgen.privacy.accountant import Account, open_account
             from fedgen.privacy.dpsgd import poisson_plan
 
-            if state is not None and state.get("privacy"):
-                self.account = Account.from_dict(state["privacy"])
-            else:  # every party takes one DP step per generator step, for the whole run
+            account = Account.from_dict(state["privacy"]) if state is not None and state.get("privacy") else None
+            self.secret = private_state(self.silo, self.store, account, known_steps,
+                                        position // self.cfg.pga.steps_per_round)
+            if account is None:  # every party takes one DP step per generator step, for the whole run
                 q = poisson_plan(len(self.data), self.cfg.train.batch_size)[0]
                 planned = self.cfg.fl.rounds * self.cfg.pga.steps_per_round
-                self.account = open_account(self.cfg.privacy, q, planned, len(self.data))
+                account = open_account(self.cfg.privacy, q, planned, len(self.data))
+            self.account = account
         self.position = position
 
-    def _bring_to(self, round_idx: int, step: int) -> None:
+    def _bring_to(self, round_idx: int, step: int, known_steps: int) -> None:
         """Make the discriminator the one that has seen exactly the generator steps before (round, step)."""
         per_round = self.cfg.pga.steps_per_round
         want = round_idx * per_round + step
@@ -109,21 +111,23 @@ class PGAParty:
         if current is not None and current.exists():
             state = torch.load(current, weights_only=False)
             if state["position"] == want:
-                self._load(state, want)
+                self._load(state, want, known_steps)
                 return
+        where = f"its state folder {self.store.path}" if self.store is not None else "it has no state folder"
         if step != 0:
-            raise SiloDataError(f"party {self.silo} lost its discriminator's state mid-round (has step "
-                                f"{self.position}, asked for {want})")
+            raise SiloStateError(f"party {self.silo} lost its discriminator's state mid-round (has step "
+                                 f"{self.position}, asked for {want}; {where})")
         committed = self.store.load(round_idx) if self.store is not None else None
         if committed is None and round_idx > 0:
-            raise SiloDataError(f"party {self.silo} has no discriminator committed for round {round_idx}")
-        self._load(committed, want)
+            raise SiloStateError(f"party {self.silo}: {where} holds no discriminator committed for round "
+                                 f"{round_idx}; restore it (it must be kept for the life of the run)")
+        self._load(committed, want, known_steps)
 
     # -- one generator step
     def _step(self, request: Request) -> Reply:
         cfg, c = self.cfg, request.config
         round_idx, step = int(c["round"]), int(c["step"])
-        self._bring_to(round_idx, step)
+        self._bring_to(round_idx, step, int(c.get("privacy_steps", 0)))
         batch = request.arrays["batch"]
         fake1, labels1 = batch["fake1"].to(self.device), batch["labels1"].to(self.device)
         fake2, labels2 = batch["fake2"].to(self.device), batch["labels2"].to(self.device)
@@ -172,9 +176,9 @@ class PGAParty:
         one batch, every row's gradient clipped, noise from the party's secret generator. Returns that generator
         (it also draws the PGA loss noise) and d_i, the loss on the fakes."""
         from fedgen.privacy.dpsgd import poisson_batch
-        from fedgen.privacy.secret import party_secret, secret_generator
+        from fedgen.privacy.secret import secret_generator
 
-        gen = secret_generator(party_secret(self.store.path), "pga-dp", round_idx, step)
+        gen = secret_generator(self.secret, "pga-dp", round_idx, step)
         idx = poisson_batch(len(self.data), self.account.sample_rate, gen)
         x = torch.cat([self.data.images[idx].to(self.device), fake1])
         labels = torch.cat([self.data.labels[idx].to(self.device), labels1])

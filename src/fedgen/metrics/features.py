@@ -21,6 +21,7 @@ from torch import nn
 from fedgen.data.sources import ImageDataset
 from fedgen.data.transforms import to_tensor
 from fedgen.models.classifier import EvalCNN, accuracy, train_classifier
+from fedgen.paths import cache_dir
 
 DOMAIN_EPOCHS = 4
 # sha256 of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`, the standard FID Inception weights
@@ -29,12 +30,6 @@ INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb91
 
 class RangeError(ValueError):
     """Images reached an extractor in the wrong range or dtype."""
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("FEDGEN_CACHE", Path.home() / ".cache" / "fedgen"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def check_signed_unit_range(x: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from fedgen.config import Config
+from fedgen.errors import FedgenError
 from fedgen.privacy.accountant import ACCOUNTANT_NAMES, Account, open_account
 
 NO_GUARANTEE = "none: no formal guarantee (FedAvg alone is not privacy)"
@@ -24,12 +25,18 @@ def party_reports(config: dict) -> dict:
     return {k[3:]: v for k, v in config.items() if k.startswith("dp_")}
 
 
+class LedgerError(FedgenError, RuntimeError):
+    """A party's privacy report went backwards (fewer steps or a smaller epsilon than it reported before): its
+    state was rolled back or replaced, and the run's epsilon would be under-reported. The round is aborted."""
+
+
 class RunPrivacy:
     def __init__(self, cfg: Config, run_path: Path | None, num_params: int):
         """`run_path`: where the coordinator keeps its client-level account (needed for client-dp only)."""
         self.cfg, self.privacy = cfg, cfg.privacy
         self.mode = cfg.privacy.mode
         self.reports: dict[str, dict] = {}
+        self.last_epsilon = 0.0
         self.server: Account | None = None
         self.num_params = num_params
         if self.mode == "client-dp":
@@ -49,13 +56,28 @@ class RunPrivacy:
         for rec in records:
             if rec.get("event") == "round" and isinstance(rec.get("privacy"), dict):
                 self.reports.update(rec["privacy"].get("parties", {}))
+                self.last_epsilon = max(self.last_epsilon, float(rec["privacy"].get("epsilon", 0.0)))
         if self.server is not None:
             self.server.steps = rounds_done
 
-    def observe(self, party: int, config: dict) -> None:
+    def known_steps(self, party: int) -> int:
+        """The DP steps the ledger holds for `party` (sent with each request: a party with fewer refuses)."""
+        return int(self.reports.get(str(party), {}).get("steps", 0))
+
+    def observe(self, party: int, config: dict, round_idx: int | None = None) -> None:
+        """Take a party's report; one with fewer steps or a smaller epsilon than its last is a LedgerError."""
         report = party_reports(config)
-        if report:
-            self.reports[str(party)] = report
+        if not report:
+            return
+        before = self.reports.get(str(party))
+        if before is not None and (report["steps"] < before["steps"] or report["epsilon"] < before["epsilon"]):
+            at = f"round {round_idx + 1} aborted: " if round_idx is not None else ""
+            raise LedgerError(
+                f"{at}silo {party} reports {report['steps']} DP steps (epsilon {report['epsilon']:.4g}), fewer than "
+                f"the {before['steps']} steps (epsilon {before['epsilon']:.4g}) it reported before: its privacy "
+                "state was rolled back or replaced, and the run's epsilon would be under-reported. Nothing was "
+                "written for this round; restore the silo's state folder and rerun.")
+        self.reports[str(party)] = report
 
     def record(self, rounds_done: int) -> dict | str:
         """The round record's `privacy` entry after `rounds_done` rounds."""
@@ -69,9 +91,13 @@ class RunPrivacy:
             out |= {"unit": "client", "epsilon": self.server.epsilon(), "server": self.server.report()}
         else:
             eps = [r["epsilon"] for r in self.reports.values()]
-            out |= {"unit": "record", "epsilon": max(eps) if eps else 0.0,
+            out |= {"unit": "record", "epsilon": max(eps, default=0.0),
                     "max_grad_norm": self.privacy.max_grad_norm, "parties": dict(sorted(self.reports.items(),
                                                                                      key=lambda kv: int(kv[0])))}
+        if out["epsilon"] < self.last_epsilon:  # the parties' checks make this unreachable; it guards them
+            raise LedgerError(f"the run's epsilon fell from {self.last_epsilon:.4g} to {out['epsilon']:.4g} after "
+                              f"round {rounds_done}: refusing to record an under-reported ledger")
+        self.last_epsilon = out["epsilon"]
         if pga_noise:
             out["pga_loss_noise"] = PGA_NOISE
         return out

@@ -11,6 +11,24 @@ from fedgen.errors import UsageError
 from fedgen.privacy import audit
 
 
+def _member_partition(run, cfg, labels: np.ndarray, num_classes: int):
+    """The run's split with each silo's image indices. A Flower run's partition.json has only the counts the
+    silos reported; where the silos took their shares of the dataset this machine holds (no `--data` of their
+    own), the split is recomputed from the config, exactly as each silo computed it, and checked against those
+    counts."""
+    from fedgen.fl.experiment import make_partition
+
+    part, _ = run.partition()
+    if sum(len(idx) for idx in part.client_indices) > 0:
+        return part
+    again = make_partition(cfg, labels, num_classes)
+    if again.counts.shape != part.counts.shape or not (again.counts == part.counts).all():
+        raise UsageError(f"{run.path}: the silos trained on data of their own (their per-class counts are not the "
+                         "run's split of the dataset here), so this machine holds none of their images to audit "
+                         "membership against; run the audit where a silo's data is")
+    return again
+
+
 def _targets(run, cfg, n: int, silo: int | None, seed: int):
     """Members (training images of the run's silos, or of one) and as many non-members of the same distribution
     that no silo trained on; also every training image (for memorisation)."""
@@ -19,7 +37,7 @@ def _targets(run, cfg, n: int, silo: int | None, seed: int):
 
     ref = load_reference(cfg.data)
     keep = training_indices(cfg.data, cfg.train.seed, ref.train.labels, ref.num_classes)
-    part, _ = run.partition()
+    part = _member_partition(run, cfg, ref.train.labels[keep], ref.num_classes)
     if silo is not None and not 0 <= silo < len(part.client_indices):
         raise UsageError(f"--silo {silo}: the run has silos 0..{len(part.client_indices) - 1}")
     silos = [silo] if silo is not None else range(len(part.client_indices))

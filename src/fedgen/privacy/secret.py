@@ -19,8 +19,16 @@ from fedgen.seeding import derive_seed
 SECRET_FILE = "noise_secret"
 
 
-def party_secret(directory: Path) -> int:
+class MissingSecretError(FileNotFoundError):
+    """A party that has already released noised results has no secret: a new one would make a redone step a
+    second, unaccounted release."""
+
+
+def party_secret(directory: Path, create: bool = True) -> int:
+    """The party's secret, made on first use; `create=False` where the party has released noise before."""
     path = Path(directory) / SECRET_FILE
+    if not path.exists() and not create:
+        raise MissingSecretError(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

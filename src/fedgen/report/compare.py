@@ -102,19 +102,26 @@ def at_compute(s: Series, budget: float) -> float | None:
     return seen[-1] if seen else None
 
 
-def compare(runs: list[Path], metric: str) -> tuple[list[Series], float]:
-    """The runs' series of `metric`, labelled, and the equal-compute budget (the least total compute of the runs
-    that have the metric)."""
+# `compare` without --metric: the evaluation's domain FID, else (runs never evaluated) the per-round test loss
+DEFAULT_METRICS = ("fid_domain_test", "global_test_loss")
+
+
+def compare(runs: list[Path], metric: str | None = None) -> tuple[list[Series], float, str]:
+    """The runs' series of `metric` (None: the first of DEFAULT_METRICS that any run has), labelled, the
+    equal-compute budget (the least total compute of the runs that have the metric) and the metric used."""
     if not runs:
         raise UsageError("compare needs at least one run directory")
-    series = [load_series(r, metric) for r in runs]
-    missing = [str(s.run) for s in series if not s.values]
-    if len(missing) == len(series):
-        raise UsageError(f"no run has {metric!r} in its metrics.jsonl (evaluation metrics appear after `fedgen "
+    for name in (metric,) if metric is not None else DEFAULT_METRICS:
+        series = [load_series(r, name) for r in runs]
+        if any(s.values for s in series):
+            break
+    else:
+        asked = repr(metric) if metric is not None else " or ".join(DEFAULT_METRICS)
+        raise UsageError(f"no run has {asked} in its metrics.jsonl (evaluation metrics appear after `fedgen "
                          "evaluate` or with eval.every; per-round: global_test_loss, global_client_loss_mean)")
     label_runs(series)
     budget = min(s.total_compute for s in series if s.values)
-    return series, budget
+    return series, budget, name
 
 
 def plot(series: list[Series], metric: str, path: Path, x: str = "compute") -> None:

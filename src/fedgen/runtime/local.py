@@ -15,7 +15,7 @@ from fedgen.errors import FedgenError
 from fedgen.fl.experiment import Experiment
 from fedgen.fl.protocol import Failure, Reply, Request
 from fedgen.fl.rundir import RunDir
-from fedgen.fl.worker import FedDMWorker, SiloStateStore
+from fedgen.fl.worker import FedDMWorker, SiloStateError, SiloStateStore
 from fedgen.report.progress import task
 from fedgen.runtime import loop
 from fedgen.runtime.federation import Federation, SiloInfo
@@ -45,7 +45,7 @@ class InProcessPool:
                     try:
                         replies[request.silo] = worker.handle(request)
                     except FedgenError as exc:
-                        replies[request.silo] = Failure(request.silo, str(exc))
+                        replies[request.silo] = Failure(request.silo, str(exc), isinstance(exc, SiloStateError))
                     finally:
                         worker.on_step = None
                 if client_done is not None:
@@ -78,4 +78,4 @@ def in_process_federation(cfg: Config, device: torch.device, console: Console, r
 def train(cfg: Config, out: Path, console: Console | None = None) -> RunDir:
     """Train (or resume, or extend) the FedDM run of `cfg` in directory `out`, every silo in this process."""
     return loop.train(cfg, out, console or Console(),
-                      lambda cfg_, device, console_: in_process_federation(cfg_, device, console_, Path(out)))
+                      lambda cfg_, run, device, console_: in_process_federation(cfg_, device, console_, run.path))

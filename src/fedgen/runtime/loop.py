@@ -24,7 +24,7 @@ from fedgen.errors import FedgenError
 from fedgen.fl.aggregate import State
 from fedgen.fl.client import evaluation_loss
 from fedgen.fl.experiment import new_model, resolve_device
-from fedgen.fl.protocol import Reply, Request, payload_nbytes
+from fedgen.fl.protocol import Failure, Reply, Request, payload_nbytes
 from fedgen.fl.remedies import scaffold_server_update
 from fedgen.fl.rundir import Checkpoint, RunDir
 from fedgen.fl.server import FedAvgServer
@@ -34,7 +34,8 @@ from fedgen.privacy.ledger import summary as privacy_summary
 from fedgen.report.grid import sample_grid
 from fedgen.report.progress import progress_bar
 
-OpenFederation = Callable[[Config, torch.device, Console], AbstractContextManager]
+# (config, run directory, device, console) -> a context manager yielding the run's Federation
+OpenFederation = Callable[[Config, RunDir, torch.device, Console], AbstractContextManager]
 
 
 class TrainingAborted(FedgenError, RuntimeError):
@@ -44,20 +45,21 @@ class TrainingAborted(FedgenError, RuntimeError):
 def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederation) -> RunDir:
     """Train (or resume, or extend) the FedDM run described by `cfg` in directory `out`."""
     run = RunDir(out)
-    resuming = run.check(cfg)
-    run.check_rounds(cfg)
-    device = resolve_device(cfg.train.device)
-    previous_threads = torch.get_num_threads()
-    if cfg.train.cpu_threads:  # the coordinator's own work (PGA's generator) is thread-count dependent too
-        torch.set_num_threads(cfg.train.cpu_threads)
-    try:
-        console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
-                      f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
-        console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
-        with open_federation(cfg, device, console) as fed:  # bad data fails here, before the directory is written
-            return _train(cfg, run, device, fed, console)
-    finally:  # in-process silos set it too; leave the caller's process as it was
-        torch.set_num_threads(previous_threads)
+    with run.lock():  # one writer per run directory, for the whole of training
+        resuming = run.check(cfg)
+        run.check_rounds(cfg)
+        device = resolve_device(cfg.train.device)
+        previous_threads = torch.get_num_threads()
+        if cfg.train.cpu_threads:  # the coordinator's own work (PGA's generator) is thread-count dependent too
+            torch.set_num_threads(cfg.train.cpu_threads)
+        try:
+            console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
+                          f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
+            console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
+            with open_federation(cfg, run, device, console) as fed:  # bad data fails here, before anything is written
+                return _train(cfg, run, device, fed, console)
+        finally:  # in-process silos set it too; leave the caller's process as it was
+            torch.set_num_threads(previous_threads)
 
 
 def _train(cfg: Config, run: RunDir, device: torch.device, fed, console: Console) -> RunDir:
@@ -123,9 +125,21 @@ class _Context:
         self.model: torch.nn.Module | None = None
         self.progress: Progress | None = None
 
-    def abort(self, round_idx: int, accepted: int, asked: int, rejected: dict[int, str]) -> TrainingAborted:
+    def last_checkpoint(self) -> str:
         last = self.run.committed_rounds()
-        where = f"round {last[-1]}" if last else "none yet (no round completed)"
+        return f"round {last[-1]}" if last else "none yet (no round completed)"
+
+    def stop_on_fatal(self, round_idx: int, replies: dict) -> None:
+        """A silo that refused because its persistent state is missing or behind the ledger stops the run: going on
+        without it would hide the problem, and it can never rejoin until its state is restored."""
+        fatal = {s: f.reason for s, f in sorted(replies.items()) if isinstance(f, Failure) and f.fatal}
+        if fatal:
+            raise TrainingAborted(
+                f"round {round_idx + 1} aborted: " + "; ".join(fatal.values()) + ". Nothing was written for this "
+                f"round; the last good checkpoint in {self.run.checkpoints} is {self.last_checkpoint()}.")
+
+    def abort(self, round_idx: int, accepted: int, asked: int, rejected: dict[int, str]) -> TrainingAborted:
+        where = self.last_checkpoint()
         why = "; ".join(f"client {s}: {reason}" for s, reason in rejected.items())
         return TrainingAborted(
             f"round {round_idx + 1} aborted: {accepted} of {asked} clients returned a usable update, fewer than "
@@ -215,16 +229,18 @@ class FedDMRounds:
         t0 = time.perf_counter()
         selected = server.select(r)
         arrays = {"global": server.global_state} | ({"control": self.control} if self.scaffold else {})
-        sent = [Request(silo, "fit", arrays, {"round": r}) for silo in selected]
+        sent = [Request(silo, "fit", arrays, {"round": r, "privacy_steps": self.privacy.known_steps(silo)})
+                for silo in selected]
         replies = ctx.fed.pool.send(sent, timeout=cfg.runtime.round_timeout_s, progress=ctx.progress)
+        ctx.stop_on_fatal(r, replies)
         screened = server.screen(selected, replies)
         if len(screened.accepted) < cfg.fl.min_clients:
             raise ctx.abort(r, len(screened.accepted), len(selected), screened.rejected)
         for silo, reason in screened.rejected.items():
             ctx.console.print(f"[yellow]round {r + 1}: client {silo} left out:[/] {reason}", highlight=False)
-        for silo, reply in replies.items():  # a rejected update still spent its silo's privacy
+        for silo, reply in sorted(replies.items()):  # a rejected update still spent its silo's privacy
             if isinstance(reply, Reply):
-                self.privacy.observe(silo, reply.config)
+                self.privacy.observe(silo, reply.config, r)
         state = self._aggregate(r, screened.accepted)
         if self.scaffold:
             sizes = dict(enumerate(ctx.fed.sizes))

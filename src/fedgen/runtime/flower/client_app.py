@@ -3,7 +3,8 @@
 A SuperNode names its silo in its node config: `partition-id` (the silo number, 0..N-1) and, where the silo
 has its own data, `data-path` (a directory in any format fedgen reads, interpreted as the run's `data.dataset`);
 without `data-path` the silo takes its share of a dataset every node can read (tests and demos). Optional
-`state-dir` holds the silo's persistent state. Simulation's virtual nodes get `partition-id` from Flower.
+`state-dir` holds the silo's persistent state (`fedgen flower supernode --state`; it must be kept for the life of
+every run the silo takes part in). Simulation's virtual nodes get `partition-id` from Flower.
 
 Workers are cached per process (simulation reuses its Ray actors); a deployed SuperNode starts a new process
 per message, so it loads its data per message.
@@ -11,7 +12,6 @@ per message, so it loads its data per message.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import traceback
 from functools import lru_cache
@@ -22,16 +22,23 @@ from flwr.clientapp import ClientApp
 
 from fedgen import config as config_mod
 from fedgen.fl.protocol import Reply
+from fedgen.paths import silo_state_home
 from fedgen.runtime.flower.codec import decode_request, reply_message
 
 app = ClientApp()
 
 
 def _state_dir(node_config: dict, run: dict, silo: int) -> Path:
-    from fedgen.metrics.features import cache_dir
-
-    root = Path(str(node_config["state-dir"])) if node_config.get("state-dir") else cache_dir() / "silo-state"
-    return root / str(run["key"]) / f"silo_{silo:03d}"
+    """Silo `silo`'s state folder for `run`: under the SuperNode's `state-dir` (default: the user's state
+    directory, never a cache), keyed by the run's id; on flower-sim, the run directory's `silos/` the server
+    names, exactly where an in-process silo keeps it."""
+    if node_config.get("state-dir"):
+        root = Path(str(node_config["state-dir"])) / str(run["id"])
+    elif run.get("silo_state"):
+        root = Path(str(run["silo_state"]))
+    else:
+        root = silo_state_home() / str(run["id"])
+    return root / f"silo_{silo:03d}"
 
 
 @lru_cache(maxsize=4)
@@ -80,8 +87,10 @@ def handle(msg: Message, context: Context) -> Message:
                          str(_state_dir(context.node_config, run, silo)))
         reply = worker.handle(request)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which names the node
+        from fedgen.fl.worker import SiloStateError
+
         traceback.print_exc()
-        reply = Reply(silo, config={"error": f"{type(exc).__name__}: {exc}"})
+        reply = Reply(silo, config={"error": f"{type(exc).__name__}: {exc}", "fatal": isinstance(exc, SiloStateError)})
     return reply_message(reply, msg)
 
 
@@ -103,8 +112,3 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.train("pga")
 def pga_step(msg: Message, context: Context) -> Message:
     return handle(msg, context)
-
-
-def run_key(out: str, cfg_json: str) -> str:
-    """Names a run's silo state directories: the run directory and config, hashed."""
-    return hashlib.sha256(f"{out}\n{cfg_json}".encode()).hexdigest()[:16]

@@ -30,12 +30,19 @@ from pathlib import Path
 from fedgen import config as config_mod
 from fedgen.config import Config
 from fedgen.errors import FedgenError
+from fedgen.paths import silo_state_home
 
 CONNECTION = "fedgen"
 
 
 class DeploymentError(FedgenError):
     """A Flower deployment step failed; the message names the node, file or address."""
+
+
+class RunStopped(FedgenError):
+    """`fedgen train --runtime flower` was interrupted (Ctrl-C) and stopped its run on the SuperLink."""
+
+    exit_code = 130
 
 
 def _bin(name: str) -> str:
@@ -287,8 +294,7 @@ def supernode_command(superlink: str, certs: Path | None, key: Path | None, part
         if not data.exists():
             raise DeploymentError(f"silo data {data} not found")
         node_config += f" data-path='{data.resolve()}'"
-    if state_dir is not None:
-        node_config += f" state-dir='{state_dir.resolve()}'"
+    node_config += f" state-dir='{Path(state_dir or silo_state_home()).resolve()}'"
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config,
            "--max-wait-time", f"{max_wait_s:g}"]
     if certs is None:
@@ -404,7 +410,11 @@ def submit(cfg: Config, out: Path, superlink: str, certs: Path | None, echo: Cal
                                   env=_env(FLWR_HOME=str(home.path)),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            status = _follow(home, run_id, follow, echo)
+            status = _follow(home, run_id, follow, echo, superlink, cfg.runtime.link_timeout_s)
+        except KeyboardInterrupt:
+            _stop_run(home, run_id, Path(out), echo)
+            raise RunStopped(f"interrupted: run {run_id} was stopped on the SuperLink; {out} keeps its last "
+                             "complete round: rerun the same command to resume from it") from None
         finally:
             _terminate(follow, grace=5)
         if status.get("status") != "finished:completed":
@@ -415,8 +425,34 @@ def submit(cfg: Config, out: Path, superlink: str, certs: Path | None, echo: Cal
         home.close()
 
 
-def _follow(home: FlwrHome, run_id: str, follow: subprocess.Popen, echo: Callable[[str], None]) -> dict:
-    """Echo the run's log while it runs; the run's own status (`flwr ls`) says when it ended and how."""
+def _stop_run(home: FlwrHome, run_id: str, out: Path, echo: Callable[[str], None], wait_s: float = 90) -> None:
+    """`flwr stop` the run, then wait (where the run directory is on this machine) until its ServerApp has let go
+    of it: Flower tells a ServerApp that its run was stopped at its next call to the SuperLink."""
+    from fedgen.fl.rundir import RunDir
+
+    echo(f"interrupted: stopping run {run_id} on the SuperLink (flwr stop)")
+    try:
+        done = home.run("stop", run_id, CONNECTION, "--format", "json", timeout=30)
+    except DeploymentError as exc:
+        echo(f"could not stop run {run_id}: {exc}; stop it with `flwr stop {run_id}`")
+        return
+    if done.returncode != 0 and "already finished" not in (done.stdout + done.stderr):
+        echo(f"could not stop run {run_id}: {_last_lines(done.stdout + done.stderr, 2)}")
+        return
+    run = RunDir(out)
+    if not (run.path / ".lock").exists():  # the run directory is on the SuperLink's machine, not here
+        echo(f"run {run_id} stopped; its ServerApp ends at its next message to the SuperLink")
+        return
+    if run.wait_unlocked(wait_s):
+        echo(f"run {run_id} stopped; its ServerApp has ended")
+    else:
+        echo(f"run {run_id} is stopped on the SuperLink, but its ServerApp still holds {out} after {wait_s:g}s")
+
+
+def _follow(home: FlwrHome, run_id: str, follow: subprocess.Popen, echo: Callable[[str], None], superlink: str,
+            patience_s: float) -> dict:
+    """Echo the run's log while it runs; the run's own status (`flwr ls`) says when it ended and how. A SuperLink
+    that does not answer for `patience_s` seconds is a DeploymentError (never a wait without end)."""
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -431,16 +467,32 @@ def _follow(home: FlwrHome, run_id: str, follow: subprocess.Popen, echo: Callabl
                 if line:
                     echo(line.rstrip("\n"))
 
+    answered = time.monotonic()
     while True:
         drain(3.0)
-        status = _status(home, run_id)
+        status = _status(home, run_id, timeout=min(30.0, patience_s))
+        if status is None:
+            if time.monotonic() - answered > patience_s:
+                raise DeploymentError(
+                    f"the SuperLink at {superlink} has not answered for {patience_s:g}s (runtime.link_timeout_s) "
+                    f"while run {run_id} was training; the run directory keeps its last complete round: once the "
+                    "SuperLink is back, rerun the same command to resume")
+            continue
+        answered = time.monotonic()
         if str(status.get("status", "")).startswith("finished"):
             drain(2.0)  # the last lines of the log
             return status
 
 
-def _status(home: FlwrHome, run_id: str) -> dict:
-    runs = _json(home.run("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60).stdout).get("runs")
+def _status(home: FlwrHome, run_id: str, timeout: float = 60) -> dict | None:
+    """The run's entry of `flwr ls`, or None if the SuperLink did not answer."""
+    try:
+        done = home.run("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=timeout)
+    except DeploymentError:
+        return None
+    runs = _json(done.stdout).get("runs")
+    if done.returncode != 0 or runs is None:
+        return None
     return runs[0] if runs else {}
 
 
@@ -488,6 +540,8 @@ class LocalDeployment:
             time.sleep(0.3)
 
     def stop(self) -> None:
+        """SIGTERM each command, then SIGKILL whatever is left in its process group (Flower's own children too,
+        also where the command itself was killed and left them)."""
         for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -495,8 +549,12 @@ class LocalDeployment:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
+                pass
+            try:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
     def __enter__(self) -> LocalDeployment:
         return self

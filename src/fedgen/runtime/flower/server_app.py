@@ -30,10 +30,10 @@ from fedgen.data.transforms import to_tensor
 from fedgen.errors import FedgenError, UsageError
 from fedgen.fl.client import ClientData
 from fedgen.fl.protocol import Failure, Reply, Request
+from fedgen.fl.rundir import RunDir
 from fedgen.report.progress import task
 from fedgen.runtime import loop
 from fedgen.runtime.federation import Federation, SiloInfo, partition_from_counts
-from fedgen.runtime.flower.client_app import run_key
 from fedgen.runtime.flower.codec import decode_reply, request_message
 
 POLL_S = 0.2
@@ -127,9 +127,21 @@ class FlowerPool:
         replies = self._exchange(pairs, timeout, progress if kind == "fit" else None, label) if pairs else {}
         for node, req in pairs:
             reply = replies[node]
-            out[req.silo] = Failure(req.silo, f"silo {req.silo} (node {node}): {reply.reason}") \
+            if isinstance(reply, Reply) and "error" in reply.config:  # the silo's own error, reported in its reply
+                reply = Failure(req.silo, str(reply.config["error"]), bool(reply.config.get("fatal")))
+            out[req.silo] = Failure(req.silo, f"silo {req.silo} (node {node}): {reply.reason}", reply.fatal) \
                 if isinstance(reply, Failure) else reply
         return out
+
+
+def _bound_retries(grid: Grid, seconds: float) -> None:
+    """Flower 1.41's Grid retries a SuperLink that does not answer forever (`flwr.supercore.retry`:
+    max_time=None), so a ServerApp whose SuperLink died would hang, holding the run directory, until killed.
+    Bound it: the grid call then raises, the round loop stops with the last checkpoint intact and the run
+    directory is free for the rerun. (A private attribute; Flower's own exit handler sets its max_tries.)"""
+    invoker = getattr(grid, "_retry_invoker", None)
+    if invoker is not None and hasattr(invoker, "max_time"):
+        invoker.max_time = seconds
 
 
 def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> None:
@@ -139,7 +151,7 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> None:
 
 
 @contextmanager
-def flower_federation(grid: Grid, cfg: Config, device: torch.device, console: Console, where: str, out: Path):
+def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.device, console: Console, where: str):
     """Discover the silos behind the SuperNodes and check their data against the run; the coordinator's own copy
     of the dataset (if it has one) gives the expected classes and image shape, the test loss and evaluation."""
     if cfg.fl.centralized:
@@ -151,9 +163,11 @@ def flower_federation(grid: Grid, cfg: Config, device: torch.device, console: Co
         reference = None
         console.print("the coordinating side has no copy of the dataset: no test loss, no evaluation")
     expected = {"classes": reference.classes, "image_shape": list(reference.image_shape)} if reference else {}
-    cfg_dict = config_mod.to_dict(cfg)
-    run = {"config": cfg_dict, "key": run_key(str(out.resolve()), json.dumps(cfg_dict, sort_keys=True))}
+    # the run's id keys every silo's persistent state: it never changes, whatever the run's config allows to change
+    run = {"config": config_mod.to_dict(cfg), "id": run_dir.run_id(),
+           "silo_state": str((run_dir.path / "silos").resolve()) if where == "flower-sim" else None}
     ttl = cfg.runtime.message_ttl_s or cfg.runtime.round_timeout_s
+    _bound_retries(grid, cfg.runtime.link_timeout_s)
     pool = FlowerPool(grid, run, ttl, console, expected)
     n = cfg.fl.clients
     console.print(f"waiting for {n} SuperNodes (up to {cfg.runtime.wait_for_nodes_s:g}s)")
@@ -173,8 +187,8 @@ def flower_federation(grid: Grid, cfg: Config, device: torch.device, console: Co
     if extra:
         raise FedgenError(f"SuperNodes hold silos {extra}, but the run has fl.clients={n} (silos 0..{n - 1})")
     missing = [s for s in range(n) if s not in silos]
-    if missing and (out / "partition.json").exists():  # resuming: the run already knows their sizes
-        known = Partition.load(out / "partition.json")
+    if missing and run_dir.partition_path.exists():  # resuming: the run already knows their sizes
+        known = Partition.load(run_dir.partition_path)
         for s in missing:
             silos[s] = SiloInfo(s, int(known.counts[s].sum()), known.counts[s].tolist())
         console.print(f"[yellow]silos {missing} have no SuperNode online;[/] they count as missing in the rounds "
@@ -206,7 +220,7 @@ def make_server_app(cfg: Config | None = None, out: Path | None = None, console:
             run_out = Path(str(context.run_config["out-dir"]))
         con = console or Console(file=sys.stdout, width=120, force_terminal=False)
         loop.train(run_cfg, run_out, con,
-                   lambda c, device, con_: flower_federation(grid, c, device, con_, where, run_out))
+                   lambda c, run_dir, device, con_: flower_federation(grid, c, run_dir, device, con_, where))
 
     return app
 
