@@ -65,3 +65,35 @@ def test_unknown_preset_and_missing_file(tmp_path):
     bad.write_text("[fl\nrounds=")
     with pytest.raises(C.ConfigError, match="not valid TOML"):
         C.load(config_path=bad)
+
+
+def test_values_of_the_wrong_type_are_refused_not_coerced(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[fl]\nrounds = "3"\n')
+    with pytest.raises(C.ConfigError, match="fl.rounds: Input should be a valid integer"):
+        C.load("smoke", config_path=path)
+    with pytest.raises(C.ConfigError, match="fl.rounds: Input should be a valid integer"):
+        C.load("smoke", overrides=["fl.rounds=abc"])
+    path.write_text('[train]\nbf16 = "yes"\n')
+    with pytest.raises(C.ConfigError, match="train.bf16: Input should be a valid boolean"):
+        C.load("smoke", config_path=path)
+    # text fields take --set values as text
+    assert C.load("smoke", overrides=["description=2024"]).description == "2024"
+    assert C.load("smoke", overrides=["train.lr=1"]).train.lr == 1.0  # an integer is a valid float
+
+
+@pytest.mark.parametrize(("preset", "override", "message"), [
+    ("smoke", "data.path=/some/where", "data.path: data.dataset=digits is bundled with scikit-learn"),
+    ("smoke", "pga.width=8", "pga.width: used only by algorithm=pga"),
+    ("pga-smoke", "diffusion.timesteps=10", "diffusion.timesteps: used only by algorithm=feddm"),
+    ("pga-smoke", "train.ema_decay=0.9", "train.ema_decay: used only by algorithm=feddm"),
+    ("smoke", "fl.prox_mu=0.1", "fl.prox_mu: used only with fl.strategy=fedprox"),
+    ("smoke", "fl.server_momentum=0.5", "fl.server_momentum: used only with fl.strategy=fedavgm"),
+])
+def test_a_setting_the_run_would_ignore_is_an_error(preset, override, message):
+    with pytest.raises(C.ConfigError, match="settings this run would ignore") as caught:
+        C.load(preset, overrides=[override])
+    assert message in str(caught.value)
+    key = override.split("=")[0]
+    default = C.flatten(C.Config().model_dump(mode="json"))[key]
+    C.load(preset, overrides=[f"{key}={'none' if default is None else default}"])  # its default is no setting

@@ -421,3 +421,69 @@ def test_audit_and_privacy_commands_on_a_run(dp_run, tmp_path, monkeypatch):
     train(C.load("smoke", overrides=["train.cpu_threads=1", "fl.rounds=1"]), plain, QUIET)
     done = runner.invoke(app, ["privacy", str(plain)])
     assert done.exit_code == 0 and "no formal guarantee" in done.output
+
+
+# -- a ledger that cannot under-report ------------------------------------------------------------------------------
+_TWO_SILOS = [*DP, "privacy.noise_multiplier=1.0", "fl.clients=2", "fl.clients_per_round=2", "fl.min_clients=1"]
+
+
+@pytest.mark.parametrize("lost", ["the whole folder", "the noise secret", "the newest account"])
+def test_a_dp_silo_that_lost_its_state_refuses_and_the_checkpoint_stays(tmp_path, lost):
+    """Silo 0's state folder loses its account (or its secret, or its newest round) between two invocations: the
+    extension stops, naming the silo and the folder, instead of starting over at epsilon 0 (or reusing nothing of
+    its noise); the run directory still ends at round 2, untouched."""
+    import shutil
+
+    from fedgen.runtime.loop import TrainingAborted
+
+    out = tmp_path / "run"
+    train(C.load("smoke", overrides=[*_TWO_SILOS, "fl.rounds=2"]), out, QUIET)
+    folder = RunDir(out).silo_state(0)
+    before = load_file(out / "checkpoints" / "round_0002" / "global.safetensors")
+    metrics = (out / "metrics.jsonl").read_text()
+    if lost == "the whole folder":
+        shutil.rmtree(folder)
+        folder.mkdir()
+        why = "holds no privacy account as of round 2; refusing to start again at epsilon = 0"
+    elif lost == "the noise secret":
+        (folder / "noise_secret").unlink()
+        why = "has no noise secret"
+    else:  # an older copy of the folder: the account of round 1 only
+        (folder / "round_0002.pt").unlink()
+        why = "fewer than the"
+    with pytest.raises(TrainingAborted, match="round 3 aborted: silo 0") as caught:
+        train(C.load("smoke", overrides=[*_TWO_SILOS, "fl.rounds=3"]), out, QUIET)
+    assert why in str(caught.value) and str(folder) in str(caught.value)
+    assert RunDir(out).committed_rounds() == [1, 2]
+    after = load_file(out / "checkpoints" / "round_0002" / "global.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (out / "metrics.jsonl").read_text().startswith(metrics)
+    assert '"round": 3' not in (out / "metrics.jsonl").read_text()
+
+
+def test_the_coordinator_refuses_a_report_that_goes_backwards():
+    from fedgen.privacy.ledger import LedgerError, RunPrivacy
+
+    ledger = RunPrivacy(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0"]), None, 10)
+    report = {"dp_epsilon": 2.0, "dp_delta": 1e-5, "dp_steps": 40}
+    ledger.observe(1, report, 0)
+    assert ledger.known_steps(1) == 40 and ledger.known_steps(0) == 0
+    ledger.observe(1, report | {"dp_steps": 60, "dp_epsilon": 2.5}, 1)
+    with pytest.raises(LedgerError, match=r"round 3 aborted: silo 1 reports 40 DP steps .* fewer than the 60"):
+        ledger.observe(1, report, 2)
+    with pytest.raises(LedgerError, match="silo 1 reports 60 DP steps"):
+        ledger.observe(1, report | {"dp_steps": 60, "dp_epsilon": 2.4}, 2)
+    assert ledger.known_steps(1) == 60  # the refused reports changed nothing
+    assert ledger.record(2)["epsilon"] == 2.5
+
+
+def test_a_privacy_setting_without_a_privacy_mode_is_refused():
+    for setting in ("privacy.target_epsilon=10", "privacy.noise_multiplier=1.0", "privacy.delta=1e-6"):
+        with pytest.raises(C.ConfigError, match=rf"{setting.split('=')[0]}: used only with a privacy mode: set "
+                                                r"privacy.mode=dp-sgd"):
+            C.load("smoke", overrides=[setting])
+    done = CliRunner().invoke(app, ["train", "--preset", "smoke", "--out", "/nonexistent/x", "--set",
+                                    "privacy.target_epsilon=10"])
+    assert done.exit_code == 1 and "privacy.mode" in done.output
+    with pytest.raises(C.ConfigError, match="privacy.noise_multiplicity: used only by FedDM"):
+        C.load("pga-smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "privacy.noise_multiplicity=2"])

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +292,64 @@ def test_evaluation_split_does_not_depend_on_the_run_seed():
     torch.testing.assert_close(a.test.images, b.test.images)
     assert not all(np.array_equal(x, y) for x, y in zip(a.partition.client_indices, b.partition.client_indices,
                                                           strict=True))  # the seed still drives the split
+
+
+def test_one_process_trains_a_run_directory_at_a_time(tmp_path):
+    """While another process holds the run directory (here: this test, through the same lock), `fedgen train` into
+    it refuses in one line naming the holder's PID and host and writes nothing; once it is free, training goes on.
+    A lock file left by a process that died holds nothing: the next run takes it."""
+    import socket
+
+    out = tmp_path / "run"
+    cfg = C.load("smoke", overrides=["fl.rounds=1"])
+    train(cfg, out, QUIET)
+    metrics = (out / "metrics.jsonl").read_text()
+    with RunDir(out).lock():
+        cmd = [str(Path(sys.executable).parent / "fedgen"), "train", "--out", str(out), "--set", "fl.rounds=2"]
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        said = " ".join(second.stderr.split())
+        assert f"is being trained by PID {os.getpid()} on host {socket.gethostname()}" in said
+        assert "Traceback" not in second.stderr
+        with pytest.raises(RunDirError, match=f"PID {os.getpid()}"):
+            train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    assert (out / "metrics.jsonl").read_text() == metrics  # the refused runs wrote nothing
+    (out / ".lock").write_text("PID 999999999 on host gone (since 2026-01-01 00:00:00 UTC)\n")  # died holding it
+    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    assert [r["round"] for r in RunDir(out).round_records()] == [1, 2]
+    with RunDir(tmp_path / "never").lock():  # a directory made only for the lock is removed again
+        pass
+    assert not (tmp_path / "never").exists()
+
+
+def test_readers_count_a_round_recorded_twice_once(tmp_path):
+    from fedgen.report.compare import load_series
+
+    out = tmp_path / "run"
+    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    second = next(line for line in lines if '"event": "round"' in line and '"round": 2' in line)
+    with (out / "metrics.jsonl").open("a") as f:  # what two writers used to leave
+        f.write(second + "\n")
+    run = RunDir(out)
+    assert run.duplicate_rounds() == [2] and [r["round"] for r in run.round_records()] == [1, 2]
+    series = load_series(out, "global_test_loss")
+    assert series.rounds == [1, 2] and series.total_rounds == 2
+    sizes = run.read_metrics()[0]["client_sizes"]
+    chosen = [r["clients"] for r in run.round_records()]
+    assert series.total_compute == sum(sizes[c] for clients in chosen for c in clients)  # E=1
+    from typer.testing import CliRunner
+
+    from fedgen.cli import app
+
+    done = CliRunner().invoke(app, ["privacy", str(out)])
+    assert done.exit_code == 0 and "2 rounds" in done.output and "records rounds [2] twice" in done.output
+    # compare without --metric on a run never evaluated: the per-round test loss, said in the title; words whole
+    done = CliRunner().invoke(app, ["compare", str(out), "--plot", str(tmp_path / "c.png")])
+    assert done.exit_code == 0, done.output
+    assert "global_test_loss (no run was evaluated: the per-round global_test_loss instead of fid_domain_test)" \
+        in " ".join(done.output.split())  # the title wraps between words, never inside one
+    assert str(out.name) in done.output and (tmp_path / "c.png").exists()
+    assert "privacy" not in done.output
+    done = CliRunner().invoke(app, ["compare", str(out), "--metric", "fid_domain_test"])
+    assert done.exit_code == 1 and "no run has 'fid_domain_test'" in done.output

@@ -350,8 +350,8 @@ RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_
                      "eval.tstr", "eval.tstr_samples",
                      "eval.inception_weights", "diffusion.sigma", "diffusion.guidance", "train.cpu_threads",
                      "fl.min_clients", "fl.max_update_norm_ratio", "runtime.round_timeout_s",
-                     "runtime.message_ttl_s", "runtime.wait_for_nodes_s", "runtime.link_timeout_s", "runtime.sim_cpus_per_client",
-                     "runtime.sim_cpus")
+                     "runtime.message_ttl_s", "runtime.wait_for_nodes_s", "runtime.link_timeout_s",
+                     "runtime.sim_cpus_per_client", "runtime.sim_cpus")
 
 
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from fedgen.config import Config, EvalConfig
 from fedgen.data.sources import ImageDataset
 from fedgen.data.transforms import to_tensor
 from fedgen.metrics.features import Extractor, domain_extractor
-from fedgen.paths import cache_dir
 from fedgen.metrics.generative import generative_metrics
 from fedgen.metrics.tstr import tstr_accuracy
 from fedgen.models.unet import null_label
+from fedgen.paths import cache_dir
 from fedgen.report.progress import task
 
 
