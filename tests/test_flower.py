@@ -2,6 +2,7 @@
 127.0.0.1, each against the in-process runtime. Every process a test starts is stopped by PID."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -55,13 +56,6 @@ def _in_a_flower_run(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-@pytest.fixture(scope="module")
-def in_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flower") / "local"
-    train(C.load("smoke", overrides=[*OVERRIDES, "fl.rounds=3"]), out, QUIET)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -181,28 +175,70 @@ def test_a_silo_whose_data_has_other_classes_refuses_the_run(tmp_path):
 # ------------------------------------------------------------------------------------------------ simulation
 
 
-def test_simulation_equals_in_process_and_leaves_no_ray_behind(tmp_path):
-    """SCAFFOLD on flower-sim: each virtual client keeps its control variate in its own state directory across
-    rounds and messages, and the run equals the in-process one bit for bit."""
+# DP-SGD (noise from each silo's secret) with SCAFFOLD (client variates in each silo's store): all the silo state
+# an extension must keep. The secrets are pinned so that runs on different runtimes draw the same noise.
+DP_SCAFFOLD = [*OVERRIDES, "fl.strategy=scaffold", "privacy.mode=dp-sgd", "privacy.noise_multiplier=1.0",
+               "privacy.accountant=rdp"]
+PGA_DP = ["fl.clients=2", "pga.discriminators=[\"dcgan\", \"mlp\"]", "pga.steps_per_round=2", "train.cpu_threads=1",
+          "privacy.mode=dp-sgd", "privacy.noise_multiplier=1.0", "privacy.accountant=rdp"]
+
+
+def _pin_secrets(state_root: Path, silos=(0, 1)) -> None:
+    for s in silos:
+        (state_root / f"silo_{s:03d}").mkdir(parents=True, exist_ok=True)
+        (state_root / f"silo_{s:03d}" / "noise_secret").write_text(str(1234567 + s))
+
+
+def _ledger(run_dir: Path) -> dict:
+    """Per silo: (steps, epsilon) of the run's last privacy record."""
+    parties = RunDir(run_dir).round_records()[-1]["privacy"]["parties"]
+    return {s: (rep["steps"], rep["epsilon"]) for s, rep in parties.items()}
+
+
+@pytest.fixture(scope="module")
+def extended_reference(tmp_path_factory):
+    """In-process, uninterrupted: the DP-SGD + SCAFFOLD run 3 rounds, the DP PGA run 2 rounds."""
+    root = tmp_path_factory.mktemp("reference")
+    feddm, pga = root / "feddm", root / "pga"
+    for out, preset, overrides, rounds in ((feddm, "smoke", DP_SCAFFOLD, 3), (pga, "pga-smoke", PGA_DP, 2)):
+        _pin_secrets(out / "silos")
+        train(C.load(preset, overrides=[*overrides, f"fl.rounds={rounds}"]), out, QUIET)
+    return feddm, pga
+
+
+def test_an_extended_run_on_simulation_keeps_every_silos_state(extended_reference, tmp_path, monkeypatch):
+    """flower-sim: DP-SGD + SCAFFOLD trained 2 rounds, then extended to 3 with another runtime.round_timeout_s,
+    equals the same run trained 3 rounds in-process (weights, server variate, per-silo steps and epsilon); a DP
+    PGA run extended by a round equals its in-process twin. The virtual silos keep their state in the run
+    directory, as in-process silos do; no Ray process outlives the runs."""
     from fedgen.runtime.flower.simulation import train_simulation
 
-    scaffold = [*OVERRIDES, "fl.rounds=2", "fl.strategy=scaffold"]
-    in_process = tmp_path / "local"
-    train(C.load("smoke", overrides=scaffold), in_process, QUIET)
+    feddm_ref, pga_ref = extended_reference
+    monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sim"
-    train_simulation(C.load("smoke", overrides=[*scaffold, "runtime.sim_cpus=2"]), out, QUIET)
-    _assert_same(_global(out, 2), _global(in_process, 2))
-    control = [torch.load(d / "checkpoints" / "round_0002" / "optimizer.pt")["scaffold_control"]
-               for d in (out, in_process)]
+    _pin_secrets(out / "silos")
+    sim = ["runtime.sim_cpus=2"]
+    train_simulation(C.load("smoke", overrides=[*DP_SCAFFOLD, *sim, "fl.rounds=2"]), out, QUIET)
+    train_simulation(C.load("smoke", overrides=[*DP_SCAFFOLD, *sim, "fl.rounds=3", "runtime.round_timeout_s=300"]),
+                     out, QUIET)
+    _assert_same(_global(out, 3), _global(feddm_ref, 3))
+    control = [torch.load(d / "checkpoints" / "round_0003" / "optimizer.pt")["scaffold_control"]
+               for d in (out, feddm_ref)]
     _assert_same(*control)
     assert any(float(v.abs().max()) > 0 for v in control[0].values())
-    records = RunDir(out).read_metrics()
-    assert records[0]["runtime"] == "flower-sim"
-    local_rounds = [r for r in RunDir(in_process).read_metrics() if r["event"] == "round"][:2]
-    for sim, local in zip([r for r in records if r["event"] == "round"], local_rounds, strict=True):
-        assert sim["local_train_loss"] == local["local_train_loss"]  # computed by the silos, identically
-        assert sim["global_client_loss"] == local["global_client_loss"]
-        assert sim["global_test_loss_at"] == "server"
+    assert _ledger(out) == _ledger(feddm_ref) and all(steps > 0 for steps, _ in _ledger(out).values())
+    assert RunDir(out).read_metrics()[0]["runtime"] == "flower-sim"
+    accounts = sorted((out / "silos").rglob("round_0003.pt"))  # in the run directory, never in a cache
+    assert [p.parent.name for p in accounts] == ["silo_000", "silo_001"] and not (tmp_path / "cache").exists()
+    assert all(r["global_test_loss_at"] == "server" for r in RunDir(out).round_records())
+
+    pga = tmp_path / "pga"
+    _pin_secrets(pga / "silos")
+    train_simulation(C.load("pga-smoke", overrides=[*PGA_DP, *sim, "fl.rounds=1"]), pga, QUIET)
+    train_simulation(C.load("pga-smoke", overrides=[*PGA_DP, *sim, "fl.rounds=2", "runtime.round_timeout_s=300"]),
+                     pga, QUIET)
+    _assert_same(_global(pga, 2), _global(pga_ref, 2))
+    assert _ledger(pga) == _ledger(pga_ref)
     time.sleep(1)
     assert "raylet" not in _leftovers() and "gcs_server" not in _leftovers()
 
@@ -210,18 +246,65 @@ def test_simulation_equals_in_process_and_leaves_no_ray_behind(tmp_path):
 # ------------------------------------------------------------------------------------------------ deployment
 
 
-def _train_on(superlink: str, certs: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "fedgen"), "train", "--runtime", "flower", "--superlink", superlink, "--certs", str(certs),
-           "--preset", "smoke", "--out", str(out), *[a for o in [*OVERRIDES, *overrides] for a in ("--set", o)]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+def _train_cmd(superlink: str, certs: Path, out: Path, preset: str, *overrides: str) -> list[str]:
+    return [str(BIN / "fedgen"), "train", "--runtime", "flower", "--superlink", superlink, "--certs", str(certs),
+            "--preset", preset, "--out", str(out), *[a for o in overrides for a in ("--set", o)]]
 
 
-def test_deployment_with_tls_and_authentication(in_process, tmp_path):
-    """A SuperLink and two SuperNodes on 127.0.0.1 (TLS, registered node keys) train two rounds of `smoke` equal to
-    in-process; a third round with one SuperNode killed completes with the survivor; bad certificates and an
-    unregistered key are clear errors; every process is stopped."""
+def _train_on(superlink: str, certs: Path, out: Path, preset: str, *overrides: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_train_cmd(superlink, certs, out, preset, *overrides), capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _new_run(out: Path, states: list[Path]) -> None:
+    """Create `out` with a known run id and pin each SuperNode's noise secret under it (equal noise to the
+    in-process reference)."""
+    out.mkdir(parents=True)
+    run_id = f"test-{out.name}"
+    (out / "run.json").write_text(json.dumps({"run_id": run_id}))
+    for silo, state in enumerate(states):
+        _pin_secrets(state / run_id, silos=(silo,))
+
+
+def _wait_for_round(out: Path, round_idx: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r["round"] == round_idx for r in RunDir(out).round_records()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"round {round_idx} not recorded within {timeout}s"
+        time.sleep(0.3)
+
+
+def _silo_folders(root: Path, per_class: int = 4) -> list[Path]:
+    """Two silos' own image folders (root/<class>/*.png) of scikit-learn digits, disjoint."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    folders = [root / f"silo{s}" for s in (0, 1)]
+    for k in range(10):
+        images = d.images[d.target == k][: 2 * per_class]
+        for s, folder in enumerate(folders):
+            (folder / str(k)).mkdir(parents=True)
+            for i, img in enumerate(images[s * per_class:(s + 1) * per_class]):
+                Image.fromarray(np.rint(img * 255 / 16).astype(np.uint8)).save(folder / str(k) / f"{i}.png")
+    return folders
+
+
+def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
+    """A SuperLink and SuperNodes on 127.0.0.1 (TLS, registered node keys, a --state folder each):
+    - DP-SGD + SCAFFOLD trained 2 rounds, then extended to 3 with another round timeout, equals the in-process
+      run of 3 rounds (weights, server variate, per-silo steps and epsilon), and `fedgen audit` reads it;
+    - a DP PGA run interrupted with Ctrl-C stops on the SuperLink (no ServerApp left), and the rerun, extended by a
+      round, completes with one record per round and the in-process run's weights;
+    - a round with one SuperNode killed completes with the survivor;
+    - SuperNodes that each read their own --data folder train a run;
+    - killing the SuperLink mid-run ends `fedgen train` with an error in bounded time, and the ServerApp lets go
+      of the run directory;
+    bad certificates and an unregistered key are clear errors; every process is stopped."""
+    feddm_ref, pga_ref = extended_reference
     certs = tmp_path / "certs"
-    subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(certs), "--nodes", "3"], check=True,
+    subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(certs), "--nodes", "5"], check=True,
                    capture_output=True)
     other = tmp_path / "other-certs"
     subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(other), "--nodes", "1"], check=True,
@@ -230,16 +313,50 @@ def test_deployment_with_tls_and_authentication(in_process, tmp_path):
     port = 18000 + os.getpid() % 1000
     dep = LocalDeployment(tmp_path, port)
     superlink = dep.superlink
+    states = [tmp_path / f"state{silo}" for silo in (0, 1)]
     try:
         dep.start_superlink(certs)
         for silo in (0, 1):
-            dep.start_supernode(certs, silo, certs / f"node-{silo + 1}")
+            dep.start_supernode(certs, silo, certs / f"node-{silo + 1}", "--state", str(states[silo]))
+
+        # DP-SGD + SCAFFOLD, extended (no per-round loss evaluation: half the message rounds, same weights)
         out = tmp_path / "fed"
-        # no per-round loss evaluation: half the message rounds (it does not change the weights)
-        done = _train_on(superlink, certs, out, "fl.rounds=2", "log.loss_eval_samples=0")
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        _assert_same(_global(out, 2), _global(in_process, 2))
+        _new_run(out, states)
+        _train_on(superlink, certs, out, "smoke", *DP_SCAFFOLD, "fl.rounds=2", "log.loss_eval_samples=0")
+        _train_on(superlink, certs, out, "smoke", *DP_SCAFFOLD, "fl.rounds=3", "log.loss_eval_samples=0",
+                  "runtime.round_timeout_s=120")
+        _assert_same(_global(out, 3), _global(feddm_ref, 3))
+        _assert_same(*[torch.load(d / "checkpoints" / "round_0003" / "optimizer.pt")["scaffold_control"]
+                       for d in (out, feddm_ref)])
+        assert _ledger(out) == _ledger(feddm_ref)
         assert RunDir(out).read_metrics()[0]["runtime"] == "flower"
+        assert sorted(p.name for p in (states[0] / "test-fed").iterdir()) == ["silo_000"]  # keyed by the run id
+        audited = subprocess.run([str(BIN / "fedgen"), "audit", str(out), "--n", "20", "--generated", "20",
+                                  "--timesteps", "1", "--draws", "1"], capture_output=True, text=True, timeout=300)
+        assert audited.returncode == 0, audited.stderr[-3000:]
+        record = [r for r in RunDir(out).read_metrics() if r["event"] == "audit"][-1]
+        assert record["members"] == 20 and record["dp_epsilon"] == RunDir(out).round_records()[-1]["privacy"][
+            "epsilon"]
+
+        # a DP PGA run, Ctrl-C in its second round, then rerun with one more round
+        pga = tmp_path / "pga"
+        _new_run(pga, states)
+        proc = subprocess.Popen(_train_cmd(superlink, certs, pga, "pga-smoke", *PGA_DP, "fl.rounds=2"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_round(pga, 1, proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=150)
+        assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+        assert "was stopped on the SuperLink" in " ".join(stderr.split()) and "Traceback" not in stderr
+        assert "ServerApp has ended" in stdout, stdout[-2000:]
+        deadline = time.monotonic() + 30  # it has let go of the run directory; its process is on its way out
+        while "flwr-serverapp" in _leftovers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "flwr-serverapp" not in _leftovers()
+        _train_on(superlink, certs, pga, "pga-smoke", *PGA_DP, "fl.rounds=3")
+        raw = [json.loads(line) for line in (pga / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in raw if r["event"] == "round"] == [1, 2, 3]
+        _assert_same(_global(pga, 2), _global(pga_ref, 2))
 
         # an unregistered key, and a CA that did not sign the SuperLink's certificate: each a clear error
         bad = subprocess.run([str(BIN / "fedgen"), "flower", "supernode", "--superlink", superlink, "--certs",
@@ -251,19 +368,50 @@ def test_deployment_with_tls_and_authentication(in_process, tmp_path):
                               str(port + 6)], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "TLS: the SuperLink at" in " ".join(bad.stderr.split())
 
-        # silo 1's SuperNode dies; round 3 completes with silo 0 alone
+        # silo 1's SuperNode dies; round 4 completes with silo 0 alone
         node1 = subprocess.run(["pgrep", "-f", f"flower-supernode.*--port {port + 2}"], capture_output=True,
                                text=True).stdout.split()
         assert len(node1) == 1
         os.kill(int(node1[0]), signal.SIGKILL)
-        done = _train_on(superlink, certs, out, "fl.rounds=3", "log.loss_eval_samples=0",
-                         "runtime.round_timeout_s=15",
-                         "runtime.wait_for_nodes_s=2")
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        last = [r for r in RunDir(out).read_metrics() if r["event"] == "round"][-1]
-        assert last["round"] == 3 and last["aggregated"] == [0] and "1" in last["rejected"]
+        _train_on(superlink, certs, out, "smoke", *DP_SCAFFOLD, "fl.rounds=4", "log.loss_eval_samples=0",
+                  "runtime.round_timeout_s=15", "runtime.wait_for_nodes_s=2")
+        last = RunDir(out).round_records()[-1]
+        assert last["round"] == 4 and last["aggregated"] == [0] and "1" in last["rejected"]
         assert dep.procs["node1"].wait(30) == 1  # its fedgen command reports the failure
         assert "SuperNode for silo 1" in dep.log("node1")
+
+        # two new SuperNodes, each with its own data folder (the coordinator holds none of it)
+        dep.procs["node0"].send_signal(signal.SIGTERM)
+        assert dep.procs["node0"].wait(30) == 0
+        folders = _silo_folders(tmp_path / "own-data")
+        for silo in (0, 1):
+            dep.start(f"own{silo}", "supernode", "--superlink", superlink, "--certs", str(certs), "--key",
+                      str(certs / f"node-{silo + 4}"), "--partition-id", str(silo), "--port", str(port + 7 + silo),
+                      "--data", str(folders[silo]), "--state", str(tmp_path / f"own-state{silo}"))
+        own = tmp_path / "own"
+        image_folder = [*OVERRIDES, "data.dataset=image-folder", "data.image_size=8", "data.channels=1",
+                        "runtime.link_timeout_s=10"]
+        _train_on(superlink, certs, own, "smoke", *image_folder, "fl.rounds=1")
+        from fedgen.data.sources import load_dataset
+
+        sizes = [len(load_dataset("image-folder", f, image_size=8, channels=1).train.labels) for f in folders]
+        assert RunDir(own).read_metrics()[0]["client_sizes"] == sizes
+        assert RunDir(own).round_records()[0]["aggregated"] == [0, 1]
+
+        # the SuperLink dies mid-run: `fedgen train` ends with a clear error in bounded time
+        proc = subprocess.Popen(_train_cmd(superlink, certs, own, "smoke", *image_folder, "fl.rounds=100"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_round(own, 2, proc)
+        link = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {port}"], capture_output=True,
+                              text=True).stdout.split()
+        assert len(link) == 1
+        os.kill(int(link[0]), signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "has not answered for 10s (runtime.link_timeout_s)" in " ".join(
+            stderr.split()), stderr[-2000:]
+        assert time.monotonic() - killed < 90
+        assert RunDir(own).wait_unlocked(90)  # the orphaned ServerApp gave up too: the rerun can take the run
     finally:
         dep.stop()
     time.sleep(1)

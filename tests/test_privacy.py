@@ -277,21 +277,6 @@ def test_pga_with_dp_discriminators(tmp_path):
     assert "GroupNorm" in {type(m).__name__ for m in build_discriminator("dcgan", (1, 8, 8), 10, True).modules()}
 
 
-def test_dp_on_flower_simulation_keeps_accounts_at_the_silos(tmp_path, monkeypatch):
-    from fedgen.runtime.flower.simulation import train_simulation
-
-    monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "sim"
-    train_simulation(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=1",
-                                                "runtime.sim_cpus=2"]), out, QUIET)
-    entry = _reports(out)[-1]
-    assert sorted(entry["parties"]) == [str(s) for s in sample_clients(4, 3, 0, 0)]
-    # the virtual silos keep their accounts where in-process silos do (the run directory), never in a cache
-    assert not (tmp_path / "cache" / "silo-state").exists()
-    states = list((out / "silos").rglob("round_0001.pt"))
-    assert len(states) == 3 and all(torch.load(p, weights_only=False)["privacy"]["steps"] > 0 for p in states)
-
-
 # -- client-level DP -----------------------------------------------------------------------------------------------
 def test_client_update_is_clipped_and_the_server_noise_has_sd_sigma_c_over_k():
     gen = torch.Generator().manual_seed(0)
