@@ -376,8 +376,10 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
                         "log.loss_eval_samples=0", "runtime.link_timeout_s=10"]
 
         # Ctrl-C in round 2: the run stops on the SuperLink; the rerun gives one record per round
+        # (a terminal's Ctrl-C; a shell's background job, such as a CI step, inherits SIGINT ignored)
         proc = subprocess.Popen(_train_cmd(superlink, certs, own, "smoke", *image_folder, "fl.rounds=3"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         _wait_for_round(own, 1, proc)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=150)
@@ -403,7 +405,7 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
                                text=True).stdout.split()
         assert len(node1) == 1
         os.kill(int(node1[0]), signal.SIGKILL)
-        dead = [*image_folder, "runtime.round_timeout_s=15", "runtime.wait_for_nodes_s=2"]
+        dead = [*image_folder, "runtime.round_timeout_s=30", "runtime.wait_for_nodes_s=2"]
         proc = subprocess.Popen(_train_cmd(superlink, certs, own, "smoke", *dead, "fl.rounds=100"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for_round(own, 4, proc)
