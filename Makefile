@@ -12,6 +12,7 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check src tests bench
+	.venv/bin/lint-imports
 
 bench: setup
 	.venv/bin/python bench/train_throughput.py

@@ -22,14 +22,14 @@ from common import device_name
 from rich.console import Console
 
 from fedgen import config as config_mod
+from fedgen.core.device import resolve_device
 from fedgen.data.prepare import load_reference
 from fedgen.diffusion.sampling import sample
-from fedgen.fl.experiment import resolve_device
-from fedgen.metrics.evaluate import labels_like, real_features
-from fedgen.metrics.features import domain_extractor
-from fedgen.metrics.generative import fid
-from fedgen.runtime.local import train
-from fedgen.runtime.models import load_run_model
+from fedgen.evaluation.evaluate import labels_like, real_features
+from fedgen.evaluation.features import domain_extractor
+from fedgen.evaluation.generative import fid
+from fedgen.runs.load import load_run_model
+from fedgen.runtimes.local import train
 
 VARIANTS: dict[str, list[str]] = {
     "base (K=10, R=6)": ["fl.clients_per_round=10", "fl.rounds=6"],

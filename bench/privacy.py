@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from common import device_name
 
-from fedgen.fl.rundir import RunDir
+from fedgen.federation.rundir import RunDir
 
 
 def summarise(path: Path) -> dict:

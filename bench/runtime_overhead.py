@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from common import device_name
 
-from fedgen.fl.rundir import RunDir
-from fedgen.runtime.flower.deployment import LocalDeployment
+from fedgen.federation.rundir import RunDir
+from fedgen.runtimes.flower.deploy.local import LocalDeployment
 
 BIN = Path(sys.executable).parent
 

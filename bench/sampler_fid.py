@@ -19,10 +19,10 @@ from common import device_name
 
 from fedgen.data.prepare import load_reference
 from fedgen.diffusion.sampling import sample
-from fedgen.metrics.evaluate import labels_like, real_features
-from fedgen.metrics.features import domain_extractor
-from fedgen.metrics.generative import fid
-from fedgen.runtime.models import load_run_model
+from fedgen.evaluation.evaluate import labels_like, real_features
+from fedgen.evaluation.features import domain_extractor
+from fedgen.evaluation.generative import fid
+from fedgen.runs.load import load_run_model
 
 GRID = [("ddpm", None), ("ddpm", 25), ("ddpm", 20), ("ddim", 20), ("dpm-solver", 20), ("dpm-solver", 10),
         ("dpm-solver-3", 20), ("dpm-solver-3", 10), ("dpm-solver-sde", 20), ("unipc", 20), ("unipc", 10),

@@ -22,10 +22,10 @@ import torch
 from common import device_name
 
 from fedgen.config import DiffusionConfig, ModelConfig
+from fedgen.core.device import resolve_device
 from fedgen.diffusion.loss import diffusion_loss
 from fedgen.diffusion.schedule import ddpm_scheduler
-from fedgen.fl.experiment import resolve_device
-from fedgen.models.unet import build_unet
+from fedgen.nn.unet import build_unet
 
 CASES = [
     # (arch, image shape, batch, bf16, dp)
@@ -60,7 +60,7 @@ def matmul_peak(device, dtype, n: int, repeats: int = 5) -> float:
 def bench_case(arch, shape, batch, bf16, dp, device, repeats, steps_per_repeat):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedgen.privacy.dpsgd import PrivateTrainer
+    from fedgen.privacy.dpsgd import PrivateSteps
 
     torch.manual_seed(0)
     model = build_unet(ModelConfig(arch=arch), shape, 10).to(device)
@@ -69,7 +69,7 @@ def bench_case(arch, shape, batch, bf16, dp, device, repeats, steps_per_repeat):
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     gen = torch.Generator().manual_seed(0)
-    trainer = PrivateTrainer(model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
+    trainer = PrivateSteps(model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
                              noise_generator=torch.Generator(device=device).manual_seed(0)) if dp else None
 
     def step():

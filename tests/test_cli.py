@@ -52,7 +52,7 @@ def test_config_file_without_preset_builds_on_the_default_job(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my.toml").write_text("[fl]\nrounds = 3\n")
     seen = {}
-    monkeypatch.setattr("fedgen.runtime.local.train", lambda cfg, out, console: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr("fedgen.runtimes.local.train", lambda cfg, out, console: seen.setdefault("cfg", cfg))
     result = runner.invoke(app, ["train", "--config", "my.toml", "--out", "r"])
     assert result.exit_code == 0, result.output
     assert "config: preset fmnist-quick (the default job) + my.toml" in " ".join(result.output.split())
@@ -65,7 +65,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(cfg, out, console):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("fedgen.runtime.local.train", broken)
+    monkeypatch.setattr("fedgen.runtimes.local.train", broken)
     result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(tmp_path / "r")])
     assert isinstance(result.exception, ValueError) and "error:" not in result.output
 

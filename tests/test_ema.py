@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fedgen import config as C
 from fedgen.cli import app
-from fedgen.runtime.local import train
+from fedgen.runtimes.local import train
 
 QUIET = Console(file=io.StringIO())
 BASE = ["train.cpu_threads=1", "fl.rounds=3", "log.keep_checkpoints=5", "train.ema_decay=0.2"]

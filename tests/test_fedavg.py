@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from fedgen.fl.aggregate import fedavg, sample_clients, state_nbytes
+from fedgen.algorithms.feddm.fedavg import fedavg
+from fedgen.core.records import state_nbytes
+from fedgen.federation.selection import sample_silos
 
 
 def test_fedavg_weights_by_dataset_size_exactly():
@@ -37,23 +39,23 @@ def test_fedavg_of_one_is_identity_and_errors():
 
 
 def test_client_sampling_is_seeded_uniform_without_replacement():
-    picks = [sample_clients(30, 10, seed=0, round_idx=r) for r in range(300)]
+    picks = [sample_silos(30, 10, seed=0, round_idx=r) for r in range(300)]
     assert all(len(set(p)) == 10 and p == sorted(p) and max(p) < 30 for p in picks)
-    assert picks == [sample_clients(30, 10, seed=0, round_idx=r) for r in range(300)]
-    assert picks[:5] != [sample_clients(30, 10, seed=1, round_idx=r) for r in range(5)]
+    assert picks == [sample_silos(30, 10, seed=0, round_idx=r) for r in range(300)]
+    assert picks[:5] != [sample_silos(30, 10, seed=1, round_idx=r) for r in range(5)]
     counts = torch.bincount(torch.tensor([c for p in picks for c in p]), minlength=30).float()
     # each client is picked with probability 1/3: 100 expected of 300 rounds, sd ~8.2
     assert counts.min() > 70 and counts.max() < 130
-    assert sample_clients(10, 10, 0, 5) == list(range(10))
+    assert sample_silos(10, 10, 0, 5) == list(range(10))
     with pytest.raises(ValueError):
-        sample_clients(5, 6, 0, 0)
+        sample_silos(5, 6, 0, 0)
 
 
 def test_local_losses_are_checked_in_batches_naming_the_step():
     import pytest
     import torch
 
-    from fedgen.fl.client import NonFiniteLossError, _LossLog
+    from fedgen.algorithms.feddm.local_update import NonFiniteLossError, _LossLog
 
     log = _LossLog(2, 0)
     for i in range(70):

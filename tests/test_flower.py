@@ -19,13 +19,13 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedgen import config as C
-from fedgen.fl.protocol import Failure, Reply, Request
-from fedgen.fl.rundir import RunDir
-from fedgen.fl.server import FedAvgServer
-from fedgen.runtime.flower import codec
-from fedgen.runtime.flower.client_app import handle
-from fedgen.runtime.flower.deployment import LocalDeployment
-from fedgen.runtime.local import train
+from fedgen.algorithms.feddm.screening import FedAvgServer
+from fedgen.core.records import Failure, Reply, Request
+from fedgen.federation.rundir import RunDir
+from fedgen.runtimes.flower import codec
+from fedgen.runtimes.flower.client_app import handle
+from fedgen.runtimes.flower.deploy.local import LocalDeployment
+from fedgen.runtimes.local import train
 
 QUIET = Console(file=io.StringIO())
 BIN = Path(sys.executable).parent
@@ -127,8 +127,8 @@ def test_server_rejects_an_update_far_outside_the_rounds_others():
 
 
 def test_round_completes_with_survivors_or_stops_per_min_clients(tmp_path, monkeypatch):
-    from fedgen.runtime import local as local_mod
-    from fedgen.runtime.loop import TrainingAborted
+    from fedgen.federation.loop import TrainingAborted
+    from fedgen.runtimes import local as local_mod
 
     real_send = local_mod.InProcessPool.send
 
@@ -216,7 +216,7 @@ def test_an_extended_run_on_simulation_keeps_every_silos_state(extended_referenc
     equals the same run trained 3 rounds in-process (weights, server variate, per-silo steps and epsilon); a DP
     PGA run extended by a round equals its in-process twin. The virtual silos keep their state in the run
     directory, as in-process silos do; no Ray process outlives the runs."""
-    from fedgen.runtime.flower.simulation import train_simulation
+    from fedgen.runtimes.flower.simulation import train_simulation
 
     feddm_ref, pga_ref = extended_reference
     monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
@@ -465,7 +465,7 @@ def test_certs_are_what_flower_loads(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-    from fedgen.runtime.flower.deployment import check_node_key, write_certs
+    from fedgen.runtimes.flower.deploy.certs import check_node_key, write_certs
 
     write_certs(tmp_path, 2, ["silo-gateway.example.org", "10.1.2.3"])
     cert = x509.load_pem_x509_certificate((tmp_path / "superlink.crt").read_bytes())

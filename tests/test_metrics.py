@@ -8,11 +8,11 @@ import torch
 
 from fedgen.data.sources import load_dataset
 from fedgen.data.transforms import to_tensor
-from fedgen.metrics import generative as G
-from fedgen.metrics.evaluate import labels_like
-from fedgen.metrics.features import RangeError, check_signed_unit_range, domain_extractor
-from fedgen.metrics.inception import InceptionWeightsError, inception_extractor, to_inception_input
-from fedgen.metrics.tstr import tstr_accuracy
+from fedgen.evaluation import generative as G
+from fedgen.evaluation.evaluate import labels_like
+from fedgen.evaluation.features import RangeError, check_signed_unit_range, domain_extractor
+from fedgen.evaluation.inception import InceptionWeightsError, inception_extractor, to_inception_input
+from fedgen.evaluation.tstr import tstr_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_tstr_on_real_data_matches_the_real_baseline(digits_domain):
 
 def test_tstr_defaults_to_the_training_set_size_and_class_counts(digits_domain, monkeypatch):
     from fedgen import config as C
-    from fedgen.metrics import evaluate as E
+    from fedgen.evaluation import evaluate as E
 
     ds, _, _ = digits_domain
     seen = []
@@ -127,7 +127,7 @@ def test_tstr_defaults_to_the_training_set_size_and_class_counts(digits_domain, 
         return E.Generated(x, labels, 0.0)
 
     monkeypatch.setattr(E, "generate", fake_generate)
-    from fedgen.models.labelled import DiffusionSampler
+    from fedgen.diffusion.pipeline import DiffusionSampler
 
     cfg = C.load("smoke")
     generator = DiffusionSampler(torch.nn.Linear(1, 1), cfg.diffusion, (1, 8, 8), None)
@@ -174,7 +174,7 @@ def test_inception_input_maps_signed_unit_range_to_full_uint8():
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    from fedgen.metrics.inception import _inception_class
+    from fedgen.evaluation.inception import _inception_class
 
     cls = _inception_class()
 
@@ -196,7 +196,7 @@ def test_inception_weights_hash_refused_and_accepted(random_inception_weights):
     with pytest.raises(InceptionWeightsError, match="not found"):
         inception_extractor(random_inception_weights.with_name("missing.pth"))
     # only the file whose full SHA-256 is the standard weights' digest is accepted (a matching 8-digit prefix is not)
-    from fedgen.metrics import inception as inception_mod
+    from fedgen.evaluation import inception as inception_mod
 
     assert inception_mod.INCEPTION_SHA256 == "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
     with mock.patch.object(inception_mod, "sha256_of", return_value="6726825d" + "0" * 56), \

@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedgen import config as C
+from fedgen.algorithms.pga.coordinator import PGA
+from fedgen.algorithms.pga.silo import PGASilo
 from fedgen.cli import app
-from fedgen.fl.client import ClientData
-from fedgen.fl.protocol import Failure, Reply, Request
-from fedgen.fl.rundir import RunDir
-from fedgen.gan.generator import PGARounds
-from fedgen.gan.party import PGAParty
-from fedgen.models.gan import DISCRIMINATORS, ConditionalGenerator, build_discriminator
-from fedgen.runtime.local import train
+from fedgen.core.records import Failure, Reply, Request
+from fedgen.data.silos import SiloData
+from fedgen.federation.rundir import RunDir
+from fedgen.nn.gan import DISCRIMINATORS, ConditionalGenerator, build_discriminator
+from fedgen.runtimes.local import train
 
 QUIET = Console(file=io.StringIO())
 
@@ -44,8 +44,8 @@ def _party(noise_ratio=0.5, kind="dcgan", n=64):
     cfg = C.load("pga-smoke", overrides=[f"pga.noise_ratio={noise_ratio}", f'pga.discriminators=["{kind}"]',
                                          "pga.steps_per_round=1000"])
     gen = torch.Generator().manual_seed(0)
-    data = ClientData(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(10, (n,), generator=gen))
-    return cfg, PGAParty(cfg, 0, data, [str(k) for k in range(10)], torch.device("cpu"))
+    data = SiloData(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(10, (n,), generator=gen))
+    return cfg, PGASilo(cfg, 0, data, [str(k) for k in range(10)], torch.device("cpu"))
 
 
 def _batch(b=16, seed=1):
@@ -118,7 +118,7 @@ def _rounds(aggregation: str, answers, rho_max=5.0):
     fed = SimpleNamespace(image_shape=(1, 8, 8), num_classes=10, silos=silos, pool=_FakePool(answers))
     ctx = SimpleNamespace(cfg=cfg, fed=fed, device=torch.device("cpu"), progress=None, model=None,
                           console=Console(file=io.StringIO()), stop_on_fatal=lambda r, replies: None)
-    return PGARounds(ctx), fed.pool
+    return PGA(ctx), fed.pool
 
 
 @pytest.mark.parametrize(("aggregation", "scale"), [("ratio", None), ("mean", None), ("literal", None),
@@ -146,7 +146,7 @@ def test_generator_gradient_per_aggregation_mode(aggregation, scale):
     # the generator's parameter gradient is that of fake2 with d(loss)/d(fake2) = rho * c everywhere
     import copy
 
-    from fedgen.seeding import generator as seeded
+    from fedgen.core.seeding import generator as seeded
 
     gen = seeded(rounds.cfg.train.seed, "pga-generator", 0, 0)  # the step's draws, in the step's order
     b, zd = rounds.cfg.train.batch_size, rounds.cfg.pga.z_dim
@@ -241,9 +241,9 @@ def test_pga_run_directory_and_resume(pga_run, tmp_path):
 
 
 def test_pga_killed_mid_round_resumes_bit_identically(pga_run, tmp_path, monkeypatch):
-    from fedgen.gan import party as party_mod
+    from fedgen.algorithms.pga import silo as party_mod
 
-    real_step = party_mod.PGAParty._step
+    real_step = party_mod.PGASilo._step
 
     def dies_in_round_2(self, request):
         if request.config["round"] == 1 and request.config["step"] == 3 and self.silo == 2:
@@ -251,7 +251,7 @@ def test_pga_killed_mid_round_resumes_bit_identically(pga_run, tmp_path, monkeyp
         return real_step(self, request)
 
     out = tmp_path / "killed"
-    monkeypatch.setattr(party_mod.PGAParty, "_step", dies_in_round_2)
+    monkeypatch.setattr(party_mod.PGASilo, "_step", dies_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         train(C.load("pga-smoke", overrides=["train.cpu_threads=1"]), out, QUIET)
     assert RunDir(out).committed_rounds() == [1]
@@ -263,10 +263,10 @@ def test_pga_killed_mid_round_resumes_bit_identically(pga_run, tmp_path, monkeyp
 
 
 def test_a_party_whose_loss_turns_nan_stops_the_run_naming_it(tmp_path, monkeypatch):
-    from fedgen.gan import party as party_mod
-    from fedgen.runtime.loop import TrainingAborted
+    from fedgen.algorithms.pga import silo as party_mod
+    from fedgen.federation.loop import TrainingAborted
 
-    real_step = party_mod.PGAParty._step
+    real_step = party_mod.PGASilo._step
 
     def nan_party(self, request):
         reply = real_step(self, request)
@@ -274,7 +274,7 @@ def test_a_party_whose_loss_turns_nan_stops_the_run_naming_it(tmp_path, monkeypa
             reply.config["g"] = float("nan")
         return reply
 
-    monkeypatch.setattr(party_mod.PGAParty, "_step", nan_party)
+    monkeypatch.setattr(party_mod.PGASilo, "_step", nan_party)
     out = tmp_path / "nan"
     with pytest.raises(TrainingAborted, match=r"round 2 aborted at generator step 1: party 1's discriminator loss is "
                                               r"NaN/Inf \(g\).*last good checkpoint is round 1"):
@@ -283,7 +283,7 @@ def test_a_party_whose_loss_turns_nan_stops_the_run_naming_it(tmp_path, monkeypa
 
 
 def test_pga_on_flower_simulation_equals_in_process(pga_run, tmp_path):
-    from fedgen.runtime.flower.simulation import train_simulation
+    from fedgen.runtimes.flower.simulation import train_simulation
 
     out = tmp_path / "sim"
     train_simulation(C.load("pga-smoke", overrides=["train.cpu_threads=1", "runtime.sim_cpus=2", "fl.rounds=1"]), out,
@@ -324,7 +324,7 @@ def test_bad_pga_config_names_the_field(overrides, message):
 
 
 def test_an_image_side_the_networks_cannot_take_is_a_clear_error(tmp_path):
-    from fedgen.errors import UsageError
+    from fedgen.core.errors import UsageError
 
     with pytest.raises(UsageError, match="image side divisible by 4, got 6x6; set data.image_size"):
         train(C.load("pga-smoke", overrides=["data.image_size=6"]), tmp_path / "r", QUIET)

@@ -14,19 +14,20 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedgen import config as C
+from fedgen.algorithms.feddm.local_update import LocalUpdate, TrainSettings
 from fedgen.cli import app
+from fedgen.data.silos import SiloData
 from fedgen.diffusion.loss import diffusion_loss
 from fedgen.diffusion.schedule import ddpm_scheduler
-from fedgen.fl.aggregate import sample_clients
-from fedgen.fl.client import ClientData, DiffusionClient, TrainSettings
-from fedgen.fl.rundir import RunDir
-from fedgen.models.gan import DISCRIMINATORS, build_discriminator
-from fedgen.models.unet import build_unet
-from fedgen.privacy import audit
+from fedgen.evaluation import audit
+from fedgen.federation.rundir import RunDir
+from fedgen.federation.selection import sample_silos
+from fedgen.nn.gan import DISCRIMINATORS, build_discriminator
+from fedgen.nn.unet import build_unet
 from fedgen.privacy.accountant import PrivacyBudgetError, epsilon, open_account, solve_noise_multiplier
 from fedgen.privacy.client_dp import clip_update, noised_mean_update, update_norm
-from fedgen.privacy.dpsgd import PrivacyModelError, PrivateTrainer, check_model, poisson_plan
-from fedgen.runtime.local import train
+from fedgen.privacy.dpsgd import PrivacyModelError, PrivateSteps, check_model, poisson_plan
+from fedgen.runtimes.local import train
 
 QUIET = Console(file=io.StringIO())
 DP = ["train.cpu_threads=1", "privacy.mode=dp-sgd", "privacy.accountant=rdp"]  # RDP: fast to solve
@@ -113,7 +114,7 @@ def _flat_grad(model, loss):
 def _private_update(model, x, y, rows, seed, clip, batch):
     """One DP step with sigma=0: the gradient the optimizer applied (= sum of clipped per-record gradients / batch)
     and the per-record norms before clipping."""
-    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+    trainer = PrivateSteps(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
                              max_grad_norm=clip, expected_batch_size=batch, noise_generator=torch.Generator())
     trainer.step(_rows(model, x, y, rows, seed), len(y))
     norms = trainer.per_record_norms()
@@ -162,6 +163,31 @@ def test_noise_multiplicity_averages_before_clipping():
     torch.testing.assert_close(step, clip_of_mean, rtol=1e-3, atol=1e-9)
 
 
+def test_the_account_advances_by_the_optimisers_step_hook_once_per_step():
+    """DP-SGD wraps the local loop: every optimiser step, an empty Poisson sample's noise-only step included, adds
+    one step to the account, and `before_step` (FedProx's term) runs once per step after the noise; nothing else
+    counts."""
+    model = _tiny_model()
+    account = open_account(C.PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), 0.5, 10, None)
+    account.steps = 7  # steps taken in earlier rounds
+    seen = []
+    steps = PrivateSteps(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                         max_grad_norm=1.0, expected_batch_size=2, noise_generator=torch.Generator().manual_seed(0),
+                         account=account, before_step=lambda: seen.append(account.steps))
+    x, y = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1, torch.tensor([1, 4])
+    steps.step(_rows(model, x, y, 1, seed=1), 2)
+    steps.step(torch.zeros(0), 0)  # an empty Poisson sample
+    steps.step(_rows(model, x[:1], y[:1], 1, seed=2), 1)
+    steps.close()
+    assert account.steps == 10 and seen == [8, 9, 10]
+    other = _tiny_model()
+    sampler = PrivateSteps(other, torch.optim.SGD(other.parameters(), lr=0.1), noise_multiplier=1.0,
+                           max_grad_norm=1.0, expected_batch_size=4, noise_generator=torch.Generator(), account=account)
+    batches = list(sampler.batches(40, 4, 3, torch.Generator().manual_seed(0)))
+    sampler.close()
+    assert len(batches) == 3 * poisson_plan(40, 4)[1] and account.steps == 10  # drawing batches spends nothing
+
+
 def test_opacus_refusals_name_the_layer_and_the_dp_zoo_is_accepted():
     bad = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
     with pytest.raises(PrivacyModelError, match=r"  1 \(BatchNorm2d\): BatchNorm cannot support training with "
@@ -195,7 +221,7 @@ def test_a_dp_run_logs_every_silos_account_and_the_runs_epsilon(dp_run):
         assert entry["mode"] == "dp-sgd" and entry["unit"] == "record" and entry["delta"] == 1e-5
         for silo, rep in entry["parties"].items():
             q, per_epoch = poisson_plan(sizes[int(silo)], cfg.train.batch_size)
-            took_part = sum(int(silo) in sample_clients(4, 3, 0, k) for k in range(r))
+            took_part = sum(int(silo) in sample_silos(4, 3, 0, k) for k in range(r))
             assert rep["steps"] == took_part * per_epoch and rep["sample_rate"] == q
             assert rep["epsilon"] == pytest.approx(epsilon("rdp", 1.0, q, rep["steps"], 1e-5), rel=1e-9)
         assert entry["epsilon"] == max(rep["epsilon"] for rep in entry["parties"].values())
@@ -238,7 +264,7 @@ def test_extending_a_dp_run_keeps_its_noise_multiplier(tmp_path):
 
 def test_a_killed_dp_round_is_redone_with_the_same_noise(tmp_path, monkeypatch):
     """The silo's secret is kept: a round redone after a crash releases exactly what it did before."""
-    from fedgen.fl import rundir as rundir_mod
+    from fedgen.federation import rundir as rundir_mod
 
     out = tmp_path / "killed"
     train(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), out, QUIET)
@@ -332,9 +358,9 @@ def test_epsilon_lower_bound_and_the_dp_check():
 
 
 def _digits_model_and_targets(train_images, train_labels, steps):
-    """The tiny U-Net trained `steps` full-batch Adam steps on the given images (DiffusionClient.fit)."""
+    """The tiny U-Net trained `steps` full-batch Adam steps on the given images (LocalUpdate.fit)."""
     model = _tiny_model(3)
-    client = DiffusionClient(0, ClientData(train_images, train_labels), model, ddpm_scheduler(
+    client = LocalUpdate(0, SiloData(train_images, train_labels), model, ddpm_scheduler(
         C.DiffusionConfig(timesteps=50, schedule="cosine")), torch.device("cpu"))
     settings = TrainSettings(epochs=steps, batch_size=len(train_labels), lr=2e-3, hflip=False, bf16=False, seed=0)
     if steps:
@@ -419,7 +445,7 @@ def test_a_dp_silo_that_lost_its_state_refuses_and_the_checkpoint_stays(tmp_path
     its noise); the run directory still ends at round 2, untouched."""
     import shutil
 
-    from fedgen.runtime.loop import TrainingAborted
+    from fedgen.federation.loop import TrainingAborted
 
     out = tmp_path / "run"
     train(C.load("smoke", overrides=[*_TWO_SILOS, "fl.rounds=2"]), out, QUIET)

@@ -10,12 +10,12 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedgen import config as C
-from fedgen.fl.aggregate import fedavg
-from fedgen.fl.remedies import Proximal, ScaffoldCorrection, scaffold_server_update
-from fedgen.fl.rundir import RunDir
-from fedgen.fl.server_opt import ServerOptimizer
-from fedgen.fl.worker import SiloStateStore
-from fedgen.runtime.local import train
+from fedgen.algorithms.feddm.fedavg import fedavg
+from fedgen.algorithms.feddm.remedies import Proximal, ScaffoldCorrection, scaffold_server_update
+from fedgen.algorithms.feddm.server_opt import ServerOptimizer
+from fedgen.algorithms.feddm.silo import SiloStateStore
+from fedgen.federation.rundir import RunDir
+from fedgen.runtimes.local import train
 
 QUIET = Console(file=io.StringIO())
 SMOKE = ["train.cpu_threads=1", "log.loss_eval_samples=0", "train.ema_decay=0"]
@@ -142,7 +142,8 @@ class _Point(torch.nn.Module):
 
 def _quadratic_federation(strategy: str, rounds: int, steps: int = 10, lr: float = 0.05):
     """Four clients f_i(x) = a_i/2 |x - b_i|^2 (sizes 1, 2, 3, 4), K local SGD steps each round, server SGD at lr 1;
-    FedAvg or SCAFFOLD (fl/remedies.py). Returns (the global x per round, the clients' variates, the server's)."""
+    FedAvg or SCAFFOLD (algorithms/feddm/remedies.py). Returns (the global x per round, the clients' variates,
+    the server's)."""
     a = torch.tensor([1.0, 4.0, 0.5, 8.0], dtype=torch.float64)
     b = torch.tensor([[3.0, -1.0], [-2.0, 0.5], [1.0, 4.0], [0.0, -3.0]], dtype=torch.float64)
     sizes = {0: 1, 1: 2, 2: 3, 3: 4}
@@ -269,7 +270,7 @@ def test_compare_labels_runs_by_their_differences_and_counts_compute(tmp_path):
     from typer.testing import CliRunner
 
     from fedgen.cli import app
-    from fedgen.report.compare import compare
+    from fedgen.runs.compare import compare
 
     loss = "log.loss_eval_samples=16"
     _smoke(tmp_path / "avg", loss, rounds=2)

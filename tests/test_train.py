@@ -14,9 +14,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedgen import config as C
-from fedgen.fl import client as client_mod
-from fedgen.fl.rundir import RunDir, RunDirError
-from fedgen.runtime.local import TrainingAborted, train
+from fedgen.algorithms.feddm import local_update as client_mod
+from fedgen.federation.rundir import RunDir, RunDirError
+from fedgen.runtimes.local import TrainingAborted, train
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115
 
@@ -154,7 +154,7 @@ def test_centralized_baseline_trains_one_model_on_all_data(tmp_path):
 
 def test_label_dropout_trains_a_null_class_for_guidance(tmp_path):
     from fedgen.report.grid import sample_grid
-    from fedgen.runtime.models import load_run_model
+    from fedgen.runs.load import load_run_model
 
     out = tmp_path / "cfg"
     train(C.load("smoke", overrides=["fl.rounds=1", "train.label_dropout=0.2"]), out, QUIET)
@@ -185,12 +185,12 @@ def test_client_models_record_the_round_they_were_trained_in(tmp_path):
     last_trained = {c: r["round"] for r in rounds for c in r["clients"]}
     assert last_trained == {3: 1, 2: 2, 0: 4}  # seed 0 picks clients 3, 2, 0, 0
     for cid, expected in last_trained.items():
-        assert run.load_client_model(cid)[1] == expected
+        assert run.load_silo_model(cid)[1] == expected
 
 
 def test_server_weights_clients_by_dataset_size(smoke_run, monkeypatch):
     """The global model after a round is sum_i |D_i| / sum_j |D_j| theta_i, not the uniform mean."""
-    from fedgen.fl import server as server_mod
+    from fedgen.algorithms.feddm import screening as server_mod
 
     cfg, _ = smoke_run
     seen = {}
@@ -217,14 +217,14 @@ def test_server_weights_clients_by_dataset_size(smoke_run, monkeypatch):
 
 def test_centralized_runs_r_times_e_epochs(tmp_path, monkeypatch):
     steps = []
-    real_fit = client_mod.DiffusionClient.fit
+    real_fit = client_mod.LocalUpdate.fit
 
     def counting(self, *args, **kwargs):
         result = real_fit(self, *args, **kwargs)
         steps.append((len(self.data), result.steps))
         return result
 
-    monkeypatch.setattr(client_mod.DiffusionClient, "fit", counting)
+    monkeypatch.setattr(client_mod.LocalUpdate, "fit", counting)
     cfg = C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=2", "fl.local_epochs=2"])
     train(cfg, tmp_path / "cen", QUIET)
     n = steps[0][0]
@@ -234,7 +234,7 @@ def test_centralized_runs_r_times_e_epochs(tmp_path, monkeypatch):
 
 
 def test_evaluation_runs_after_the_checkpoint_and_a_failure_does_not_stop_training(tmp_path, monkeypatch):
-    from fedgen.runtime import loop as loop_mod
+    from fedgen.federation import loop as loop_mod
 
     out = tmp_path / "evfail"
     committed_at_eval = []
@@ -253,7 +253,7 @@ def test_evaluation_runs_after_the_checkpoint_and_a_failure_does_not_stop_traini
 
 
 def test_killed_during_samples_resumes_without_repeating_the_round(tmp_path, monkeypatch):
-    from fedgen.runtime import loop as loop_mod
+    from fedgen.federation import loop as loop_mod
 
     out = tmp_path / "killed-samples"
 
@@ -266,7 +266,7 @@ def test_killed_during_samples_resumes_without_repeating_the_round(tmp_path, mon
     assert RunDir(out).committed_rounds()[-1] == 2
     monkeypatch.undo()
     fits = []
-    monkeypatch.setattr(client_mod.DiffusionClient, "fit", lambda *a, **k: fits.append(1))
+    monkeypatch.setattr(client_mod.LocalUpdate, "fit", lambda *a, **k: fits.append(1))
     train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
     assert fits == [] and (out / "samples" / "final.png").exists()
     assert [r["round"] for r in RunDir(out).read_metrics() if r["event"] == "round"] == [1, 2]
@@ -284,10 +284,10 @@ def test_evaluation_split_does_not_depend_on_the_run_seed():
     """digits has no test split of its own: every run, whatever its seed, is scored on the same held-out images."""
     import numpy as np
 
-    from fedgen.fl.experiment import Experiment
+    from fedgen.data.silos import FederatedData
 
-    a = Experiment.build(C.load("smoke", overrides=["train.seed=0"]), torch.device("cpu"))
-    b = Experiment.build(C.load("smoke", overrides=["train.seed=7"]), torch.device("cpu"))
+    a = FederatedData.build(C.load("smoke", overrides=["train.seed=0"]))
+    b = FederatedData.build(C.load("smoke", overrides=["train.seed=7"]))
     np.testing.assert_array_equal(a.reference.test.images, b.reference.test.images)
     torch.testing.assert_close(a.test.images, b.test.images)
     assert not all(np.array_equal(x, y) for x, y in zip(a.partition.client_indices, b.partition.client_indices,
@@ -323,7 +323,7 @@ def test_one_process_trains_a_run_directory_at_a_time(tmp_path):
 
 
 def test_readers_count_a_round_recorded_twice_once(tmp_path):
-    from fedgen.report.compare import load_series
+    from fedgen.runs.compare import load_series
 
     out = tmp_path / "run"
     train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
@@ -353,3 +353,26 @@ def test_readers_count_a_round_recorded_twice_once(tmp_path):
     assert "privacy" not in done.output
     done = CliRunner().invoke(app, ["compare", str(out), "--metric", "fid_domain_test"])
     assert done.exit_code == 1 and "no run has 'fid_domain_test'" in done.output
+
+
+@pytest.mark.parametrize("preset", ["smoke", "pga-smoke"])
+def test_both_algorithms_implement_the_protocols_the_loop_and_the_pools_drive(preset, tmp_path):
+    """The round loop drives an `Algorithm` and the pools a `Worker` per silo, whichever algorithm: no probing for
+    optional attributes. A fit request's progress length is its optimiser steps; PGA's step has none of its own."""
+    from fedgen.algorithms.registry import make_algorithm
+    from fedgen.core.records import Request, Worker
+    from fedgen.federation.algorithm import Algorithm, RoundContext
+    from fedgen.runtimes.local import in_process_federation
+
+    cfg = C.load(preset)
+    with in_process_federation(cfg, torch.device("cpu"), QUIET, tmp_path) as fed:
+        workers = fed.pool.workers
+        assert sorted(workers) == list(range(cfg.fl.clients))
+        assert all(isinstance(w, Worker) for w in workers.values())
+        algorithm = make_algorithm(RoundContext(cfg, RunDir(tmp_path), fed, torch.device("cpu"), QUIET))
+        assert isinstance(algorithm, Algorithm)
+        assert algorithm.weights == ("ema" if cfg.train.ema_decay > 0 and preset == "smoke" else "raw")
+        fit = Request(0, "fit" if preset == "smoke" else "pga-step", config={"round": 0})
+        per_epoch = -(-fed.sizes[0] // cfg.train.batch_size)
+        assert workers[0].steps(fit) == (cfg.fl.local_epochs * per_epoch if preset == "smoke" else 0)
+        assert workers[0].steps(Request(0, "describe")) == 0

@@ -1,4 +1,8 @@
-"""The `fedgen` command."""
+"""The `fedgen` command: parsing and dispatch only; the work is in runtimes/ (train) and runs/ (sample, evaluate,
+audit, compare).
+
+Each subcommand imports what it runs inside its own body: torch, diffusers and Flower take seconds to import, and
+`fedgen --help`, `fedgen presets` or a mistyped option must not wait for them."""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedgen import config as config_mod
-from fedgen.errors import FedgenError, UsageError
-from fedgen.report.progress import progress_bar
+from fedgen.core.errors import FedgenError, UsageError
+from fedgen.core.progress import progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated training of generative image models across data silos.")
@@ -35,7 +39,13 @@ def _user_errors():
     try:
         yield
     except FedgenError as exc:
-        _fail(str(exc), getattr(exc, "exit_code", 1))
+        _fail(str(exc), exc.exit_code)
+
+
+# the options `sample` and `evaluate` share
+GuidanceOption = Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
+RawOption = Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")]
+Fp32Option = Annotated[bool, typer.Option("--fp32", help="float32 network, whatever eval.bf16 says")]
 
 
 @app.command()
@@ -66,8 +76,8 @@ def train(
     The config is the preset (default: the default job, fmnist-quick), then --config, then --set; on an existing run
     directory with neither --preset nor --config, the run's own config.
     """
-    from fedgen.fl.rundir import RunDir
-    from fedgen.runtime.local import train as run_training
+    from fedgen.federation.rundir import RunDir
+    from fedgen.runtimes.local import train as run_training
 
     overrides = list(set_ or [])
     if centralized:
@@ -87,11 +97,11 @@ def train(
         if runtime == "local":
             run_training(cfg, out, console)
         elif runtime == "flower-sim":
-            from fedgen.runtime.flower.simulation import train_simulation
+            from fedgen.runtimes.flower.simulation import train_simulation
 
             train_simulation(cfg, out, console)
         elif runtime == "flower":
-            from fedgen.runtime.flower.deployment import submit
+            from fedgen.runtimes.flower.deploy.submit import submit
 
             if superlink is None or (certs is None and not insecure):
                 raise UsageError("--runtime flower needs --superlink HOST:PORT and --certs DIR (or --insecure)")
@@ -121,7 +131,7 @@ def partition(
 
     with _user_errors():
         if run is not None:
-            from fedgen.fl.rundir import RunDir
+            from fedgen.federation.rundir import RunDir
 
             part, classes = RunDir(run).partition()
         else:
@@ -146,23 +156,21 @@ def sample(
                                               "unipc (diffusion runs)")] = "ddpm",
     steps: Annotated[int | None, typer.Option(help="network evaluations (default: T for ddpm, 50 otherwise)")] = None,
     sigma: Annotated[str | None, typer.Option(help="ddpm variance: beta | beta-tilde (default: the config's)")] = None,
-    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
-    = None,
-    raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
-    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network, whatever eval.bf16 says")]
-    = False,
+    guidance: GuidanceOption = None,
+    raw: RawOption = False,
+    fp32: Fp32Option = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample a grid with one row per class from the global (or a client's) model."""
     from fedgen.report.grid import sample_grid
-    from fedgen.runtime.models import load_run_model
+    from fedgen.runs.load import load_run_model
 
     with _user_errors():
         loaded = load_run_model(run, client=client, raw=raw)
-        generator = loaded.sampler(sampler, steps, sigma, guidance, False if fp32 else None)  # checks the options
+        labelled = loaded.sampler(sampler, steps, sigma, guidance, False if fp32 else None)  # checks the options
         per_class = math.ceil(n / len(loaded.classes))
         with progress_bar(console) as progress:
-            sample_grid(generator, loaded.classes, per_class, out, seed=seed, with_palette=client is not None,
+            sample_grid(labelled, loaded.classes, per_class, out, seed=seed, with_palette=client is not None,
                         progress=progress)
     console.print(f"{per_class * len(loaded.classes)} samples ({per_class} per class) from {loaded.source}: {out}")
 
@@ -180,65 +188,23 @@ def evaluate(
     tstr_samples: Annotated[int | None, typer.Option(help="synthetic training images (default: train size)")]
     = None,
     inception_weights: Annotated[Path | None, typer.Option(help="local FID Inception weights (.pth)")] = None,
-    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
-    = None,
-    raw: Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")] = False,
-    fp32: Annotated[bool, typer.Option("--fp32", help="float32 network, whatever eval.bf16 says")]
-    = False,
+    guidance: GuidanceOption = None,
+    raw: RawOption = False,
+    fp32: Fp32Option = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """FID/KID/IS/precision-recall (domain, and Inception with local weights) and TSTR; appends to metrics.jsonl."""
-    from fedgen.data.prepare import load_reference
-    from fedgen.fl.rundir import RunDir
-    from fedgen.metrics.evaluate import evaluate_model
-    from fedgen.runtime.models import load_run_model
+    from fedgen.report.tables import record_table, tstr_table
+    from fedgen.runs.evaluate import evaluate_run
 
-    with _user_errors():
-        loaded = load_run_model(run, client=client, raw=raw)
-        updates = {"samples": n, "sampler": sampler, "steps": steps, "tstr_samples": tstr_samples,
-                   "inception_weights": str(inception_weights) if inception_weights else None}
-        if tstr:
-            updates["tstr"] = True
-        if fp32:
-            updates["bf16"] = False
-        eval_raw = loaded.cfg.eval.model_dump() | {k: v for k, v in updates.items() if v is not None}
-        ev = config_mod.validate(config_mod.to_dict(loaded.cfg) | {"eval": eval_raw}).eval
-        if guidance is not None:
-            loaded.cfg.diffusion.guidance = guidance
-        if loaded.cfg.algorithm == "pga":
-            if sampler is not None or steps is not None or guidance is not None:
-                raise UsageError("a PGA run samples its generator directly: --sampler, --steps and --guidance are "
-                                 "for diffusion runs")
-            generator = loaded.sampler()
-        else:
-            generator = loaded.sampler(ev.sampler, ev.steps, None, guidance, ev.bf16)  # checks options first
-        if ev.inception_weights:
-            from fedgen.metrics.inception import check_inception_weights
-
-            check_inception_weights(ev.inception_weights)
-        ds = load_reference(loaded.cfg.data)
-        with progress_bar(console) as progress:
-            record = evaluate_model(generator, loaded.cfg, ds, ev, seed=seed,
-                                    log=lambda m: console.print(m, highlight=False), progress=progress)
-        if ev.tstr and client is None:
-            record |= _silo_baselines(run, loaded.cfg, ds, ev)
-            if "local_real_accuracy_mean" in record:
-                record["tstr_minus_local_mean"] = record["tstr_accuracy"] - record["local_real_accuracy_mean"]
-    record = {"event": "evaluate", "round": loaded.round, "model": "global" if client is None else f"client {client}",
-              "weights": loaded.weights, **record}
-    RunDir(run).log(record)
-    table = Table("metric", "value", title=loaded.source)
-    for key, value in record.items():
-        if key not in ("event", "round", "model"):
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    with _user_errors(), progress_bar(console) as progress:
+        record, loaded = evaluate_run(run, client=client, raw=raw, n=n, sampler=sampler, steps=steps, tstr=tstr,
+                                      tstr_samples=tstr_samples, inception_weights=inception_weights,
+                                      guidance=guidance, fp32=fp32, seed=seed, progress=progress,
+                                      log=lambda m: console.print(m, highlight=False))
+    console.print(record_table(record, loaded.source))
     if "tstr_minus_local_mean" in record:  # the PGA paper's Tables 1-2
-        paper = Table("CNN trained on", "accuracy on the real test set", title="train on synthetic, test on real")
-        paper.add_row("each silo's own real data (mean)", f"{record['local_real_accuracy_mean']:.4f}")
-        paper.add_row(f"{record['tstr_generated']} generated images (global)", f"{record['tstr_accuracy']:.4f}")
-        paper.add_row("all real training data", f"{record['real_train_real_test_accuracy']:.4f}")
-        paper.add_row("global - local", f"{record['tstr_minus_local_mean']:+.4f}")
-        console.print(paper)
+        console.print(tstr_table(record))
 
 
 @app.command()
@@ -251,7 +217,7 @@ def compare(
     plot: Annotated[Path | None, typer.Option(help="PNG to write (default: compare-METRIC.png here)")] = None,
 ) -> None:
     """One metric across runs: a table labelled with what differs between their configs, and a PNG plot."""
-    from fedgen.report import compare as cmp
+    from fedgen.runs import compare as cmp
 
     with _user_errors():
         if x not in ("compute", "rounds"):
@@ -259,38 +225,20 @@ def compare(
         series, budget, used = cmp.compare(runs, metric)
         path = plot or Path(f"compare-{used}.png")
         cmp.plot(series, used, path, x)
-    goal = cmp.better(used)
-    fallback = f" (no run was evaluated: the per-round {used} instead of {cmp.DEFAULT_METRICS[0]})" \
-        if metric is None and used != cmp.DEFAULT_METRICS[0] else ""
-    table = Table(title=f"{used}{fallback}, {goal} is better; compute in image passes, equal compute = "
-                  f"{cmp.passes(budget)} (the least of the runs)")
-    table.add_column("run", overflow="fold")
-    table.add_column("differs", overflow="fold", min_width=16)
-    for name in ("rounds", "passes", "last", "best (round)", "at equal compute"):
-        table.add_column(name)
-    for s in series:
-        row = [s.run.name, s.label, str(s.total_rounds), cmp.passes(s.total_compute)]
-        if not s.values:
-            table.add_row(*row, "-", "-", "-")
-            continue
-        best = (max if goal == "max" else min)(range(len(s.values)), key=lambda i: s.values[i])
-        at = cmp.at_compute(s, budget)
-        table.add_row(*row, f"{s.values[-1]:.4g}", f"{s.values[best]:.4g} ({s.rounds[best]})",
-                      "-" if at is None else f"{at:.4g}")
-    console.print(table)
+    console.print(cmp.table(series, budget, used, fell_back=metric is None and used != cmp.DEFAULT_METRICS[0]))
     console.print(f"plot: {path}")
 
 
 @app.command()
 def privacy(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
     """The run's privacy ledger: epsilon per silo and for the run, delta, accountant and every input."""
-    from fedgen.fl.rundir import RunDir
-    from fedgen.privacy.ledger import summary
+    from fedgen.federation.rundir import RunDir
+    from fedgen.report.tables import ledger_lines, ledger_table
 
     with _user_errors():
         rundir = RunDir(run)
         cfg = rundir.config()
-        rounds = [r for r in rundir.read_metrics() if r.get("event") == "round"]
+        rounds = rundir.round_records()
         twice = rundir.duplicate_rounds()
     if not rounds:
         _fail(f"{run} has no completed round yet")
@@ -302,22 +250,9 @@ def privacy(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
     if not isinstance(entry, dict):
         console.print(f"privacy: {entry}", highlight=False)
         return
-    parties = {"server": entry["server"]} if "server" in entry else entry["parties"]
-    table = Table("party", "epsilon", "delta", "noise multiplier σ", "sampling rate q", "steps", "planned steps",
-                  title=f"{entry['unit']}-level DP ({entry['mode']}), {entry['accountant']}")
-    for name, rep in parties.items():
-        table.add_row(f"silo {name}" if name != "server" else "server (K of N clients)", f"{rep['epsilon']:.4g}",
-                      f"{rep['delta']:g}", f"{rep['noise_multiplier']:.4g}", f"{rep['sample_rate']:.4g}",
-                      str(rep["steps"]), str(rep["planned_steps"]))
-    console.print(table)
-    target = f" (target {entry['target_epsilon']:g})" if entry.get("target_epsilon") else ""
-    how = "the largest silo epsilon: silos hold disjoint records" if entry["unit"] == "record" else \
-        "clients sampled K of N per round, analysed as Poisson q=K/N"
-    console.print(f"run: {summary(entry)}{target}; {how}", highlight=False)
-    if entry["unit"] == "record":
-        console.print(f"clip C={entry['max_grad_norm']:g} per record", highlight=False)
-    if entry.get("pga_loss_noise"):
-        console.print(entry["pga_loss_noise"], highlight=False)
+    console.print(ledger_table(entry))
+    for line in ledger_lines(entry):
+        console.print(line, highlight=False)
 
 
 @app.command()
@@ -332,9 +267,10 @@ def audit(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Membership inference (loss threshold, nearest-sample distance), memorisation, and the DP bound check."""
-    from fedgen.fl.rundir import RunDir
-    from fedgen.privacy.run_audit import audit_run
-    from fedgen.runtime.models import load_run_model
+    from fedgen.federation.rundir import RunDir
+    from fedgen.report.tables import record_table
+    from fedgen.runs.audit import audit_run
+    from fedgen.runs.load import load_run_model
 
     with _user_errors():
         loaded = load_run_model(run)
@@ -344,38 +280,7 @@ def audit(
                                log=lambda m: console.print(m, highlight=False))
     record = {"event": "audit", "round": loaded.round, "model": "global", **record}
     RunDir(run).log(record)
-    table = Table("metric", "value", title=f"privacy audit of {loaded.source}")
-    for key, value in record.items():
-        if key in ("event", "round", "model") or key.endswith("_by_timestep"):
-            continue
-        if isinstance(value, list) and value and isinstance(value[0], float):
-            value = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
-        table.add_row(key, _number(value))
-    console.print(table)
-
-
-def _number(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
-    return str(value)
-
-
-def _silo_baselines(run: Path, cfg, ds, ev) -> dict:
-    """Each silo's CNN on its own real data (the PGA paper's "local" column), where this machine holds the run's
-    training data and its partition.json has the silos' indices (in-process and flower-sim runs)."""
-    import torch
-
-    from fedgen.data.prepare import load_for_config
-    from fedgen.data.transforms import to_tensor
-    from fedgen.fl.rundir import RunDir
-    from fedgen.metrics.tstr import silo_baselines
-
-    part, _ = RunDir(run).partition()
-    train = load_for_config(cfg.data, cfg.train.seed).train
-    console.print(f"training {len(part.client_indices)} silo baselines (each silo's CNN on its own data)")
-    return silo_baselines(to_tensor(train.images), torch.from_numpy(train.labels), part.client_indices,
-                          to_tensor(ds.test.images), torch.from_numpy(ds.test.labels), ds.num_classes,
-                          epochs=ev.classifier_epochs, seed=0)
+    console.print(record_table(record, f"privacy audit of {loaded.source}", compact=True))
 
 
 flower = typer.Typer(no_args_is_help=True, help="Deploy on Flower: certificates, a SuperLink, one SuperNode per silo.")
@@ -390,7 +295,7 @@ def flower_certs(
                                                         "localhost and 127.0.0.1 are always included)")] = None,
 ) -> None:
     """A CA, the SuperLink's TLS certificate and one authentication key pair per SuperNode."""
-    from fedgen.runtime.flower.deployment import write_certs
+    from fedgen.runtimes.flower.deploy.certs import write_certs
 
     with _user_errors():
         written = write_certs(out, nodes, list(host or []))
@@ -409,7 +314,7 @@ def flower_superlink(
     insecure: Annotated[bool, typer.Option("--insecure", help="plaintext and no node authentication")] = False,
 ) -> None:
     """Run the SuperLink (TLS + SuperNode authentication) and register the nodes' keys; Ctrl-C stops it."""
-    from fedgen.runtime.flower.deployment import serve_superlink
+    from fedgen.runtimes.flower.deploy.superlink import serve_superlink
 
     with _user_errors():
         if certs is None and not insecure:
@@ -444,7 +349,7 @@ def flower_supernode(
     insecure: Annotated[bool, typer.Option("--insecure", help="plaintext, no node authentication")] = False,
 ) -> None:
     """Run one silo's SuperNode: it trains on its own data only and sends back weights and metrics."""
-    from fedgen.runtime.flower.deployment import serve_supernode
+    from fedgen.runtimes.flower.deploy.supernode import serve_supernode
 
     with _user_errors():
         if certs is None and not insecure:
@@ -461,7 +366,8 @@ def flower_register(
     certs: Annotated[Path | None, typer.Option(help="folder holding ca.crt")] = None,
 ) -> None:
     """Register one more SuperNode key with a running SuperLink."""
-    from fedgen.runtime.flower.deployment import FlwrHome, register_keys
+    from fedgen.runtimes.flower.deploy.common import FlwrHome
+    from fedgen.runtimes.flower.deploy.superlink import register_keys
 
     with _user_errors():
         home = FlwrHome(superlink, certs / "ca.crt" if certs else None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedgen.errors import FedgenError
+from fedgen.core.errors import FedgenError
 
 
 class PartitionError(FedgenError, ValueError):

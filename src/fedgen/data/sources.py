@@ -18,8 +18,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.io import loadmat
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-from fedgen.errors import FedgenError
+from fedgen.config.choices import DATASETS
+from fedgen.core.errors import FedgenError
 
 
 class DatasetError(FedgenError, ValueError):
@@ -64,7 +68,6 @@ class LoadOptions:
 # (the image-folder reader resizes and converts itself, since its images differ in size and mode).
 Reader = Callable[[str, Path | None, LoadOptions], ImageDataset]
 
-DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "svhn", "image-folder", "digits")
 _NO_PATH = frozenset({"digits"})  # bundled with a library, read from no files
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -252,8 +255,6 @@ def _read_cifar10(name: str, root: Path, opts: LoadOptions) -> ImageDataset:
 
 
 def _read_svhn_split(file: Path) -> ImageSplit:
-    from scipy.io import loadmat
-
     try:
         mat = loadmat(file)
     except Exception as exc:  # scipy raises ValueError/OSError/MatReadError/... on bad files
@@ -391,8 +392,6 @@ def _read_image_folder(name: str, root: Path, opts: LoadOptions) -> ImageDataset
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int, where: str
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, class-stratified train/test indices (each sorted, so file order is kept within a split)."""
-    from sklearn.model_selection import train_test_split
-
     if not 0.0 < test_fraction < 1.0:
         raise DatasetError(f"{where}: test_fraction must be in (0, 1), got {test_fraction}")
     try:
@@ -412,8 +411,6 @@ def _read_digits(name: str, root: Path | None, opts: LoadOptions) -> ImageDatase
     """scikit-learn's bundled 8x8 digits (values 0..16), scaled to 0..255 and split (there is no test split).
 
     Needs no files; `root` is ignored."""
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = d.target.astype(np.int64)

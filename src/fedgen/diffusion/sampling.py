@@ -22,10 +22,10 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from torch import nn
 
 from fedgen.config import DiffusionConfig
+from fedgen.config.choices import SAMPLERS
+from fedgen.core.errors import UsageError
 from fedgen.diffusion.schedule import betas, ddpm_scheduler, respaced_timesteps
-from fedgen.errors import UsageError
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver", "dpm-solver-3", "dpm-solver-sde", "unipc")
 SIGMAS = ("beta", "beta-tilde")
 
 

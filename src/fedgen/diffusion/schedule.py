@@ -1,4 +1,4 @@
-"""Noise schedules with alpha_bar_T ~ 0 for every T (DESIGN section 1.1, the schedule pitfall).
+"""Noise schedules with alpha_bar_T ~ 0 for every T (docs/DESIGN.md §1, the schedule pitfall).
 
 DDPM's linear schedule beta in [1e-4, 0.02] was tuned for T=1000; over the paper's T=300 it leaves
 sqrt(alpha_bar_T) ~ 0.22, so x_T is far from N(0, I) and sampling from pure noise is wrong.
@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from fedgen.config import DiffusionConfig
-from fedgen.errors import UsageError
+from fedgen.core.errors import UsageError
 
 MAX_BETA = 0.999
 

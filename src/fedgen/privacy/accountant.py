@@ -10,10 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
-from fedgen.errors import FedgenError
+from fedgen.core.errors import FedgenError
 
 ACCOUNTANT_NAMES = {"prv": "Opacus PRVAccountant (Gopi et al. 2021)", "rdp": "Opacus RDPAccountant (Mironov 2017)"}
 
@@ -26,6 +23,8 @@ def epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps:
     """epsilon of `steps` compositions of the sampled Gaussian mechanism (sigma, q), at `delta`."""
     if steps == 0:
         return 0.0
+    from opacus.accountants import create_accountant  # Opacus (seconds to import): only where DP is on
+
     acc = create_accountant(mechanism=accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" hint for tiny budgets
@@ -36,6 +35,8 @@ def epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps:
 def solve_noise_multiplier(accountant: str, target_epsilon: float, delta: float, sample_rate: float,
                            steps: int) -> float:
     """The smallest sigma (to 0.01 in epsilon) whose `steps` steps at rate q stay within (target_epsilon, delta)."""
+    from opacus.accountants.utils import get_noise_multiplier  # Opacus (seconds to import): only where DP is on
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

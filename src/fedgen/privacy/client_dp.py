@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fedgen.fl.aggregate import State
+from fedgen.core.records import State
 
 
 def _floating(state: State) -> list[str]:

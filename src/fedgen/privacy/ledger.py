@@ -13,14 +13,19 @@ import math
 from pathlib import Path
 
 from fedgen.config import Config
-from fedgen.errors import FedgenError
+from fedgen.core.errors import FedgenError
 from fedgen.privacy.accountant import ACCOUNTANT_NAMES, Account, open_account
 
 NO_GUARANTEE = "none: no formal guarantee (FedAvg alone is not privacy)"
 PGA_NOISE = "PGA loss noise: heuristic, no formal guarantee"
 
 
-def party_reports(config: dict) -> dict:
+def report_values(report: dict) -> dict:
+    """An account's report as flat reply values (`dp_epsilon`, ...): Flower's ConfigRecord holds no None/dicts."""
+    return {f"dp_{k}": v for k, v in report.items() if v is not None}
+
+
+def account_report(config: dict) -> dict:
     """The `dp_*` values of a reply's config, back as an account report."""
     return {k[3:]: v for k, v in config.items() if k.startswith("dp_")}
 
@@ -66,7 +71,7 @@ class RunPrivacy:
 
     def observe(self, party: int, config: dict, round_idx: int | None = None) -> None:
         """Take a party's report; one with fewer steps or a smaller epsilon than its last is a LedgerError."""
-        report = party_reports(config)
+        report = account_report(config)
         if not report:
             return
         before = self.reports.get(str(party))

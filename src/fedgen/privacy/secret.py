@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fedgen.seeding import derive_seed
+from fedgen.core.seeding import derive_seed
 
 SECRET_FILE = "noise_secret"
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from fedgen.core.progress import task
+from fedgen.data.transforms import to_uint8
+from fedgen.report.palette import palette, palette_strip
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, *,
@@ -46,25 +51,18 @@ def grid_labels(num_classes: int, per_class: int) -> np.ndarray:
     return np.repeat(np.arange(num_classes), per_class)
 
 
-def sample_grid(generator, classes: list[str], per_class: int, path: Path, *, seed: int = 0,
+def sample_grid(sampler, classes: list[str], per_class: int, path: Path, *, seed: int = 0,
                 with_palette: bool = False, progress=None) -> None:
-    """Draw `per_class` images of every class from a labelled generator (models/labelled.py) and write them as a
+    """Draw `per_class` images of every class from a labelled sampler (diffusion/pipeline.py) and write them as a
     grid, optionally with the k-means palette of the samples' pixels drawn above it (the paper's Fig. 4/5 for
     personalised models)."""
-    import torch
-
-    from fedgen.data.transforms import to_uint8
-    from fedgen.report.progress import task
-
     labels = grid_labels(len(classes), per_class)
-    total = len(labels) * generator.evaluations_per_image
+    total = len(labels) * sampler.evaluations_per_image
     with task(progress, f"sampling {len(labels)} (grid)", total) as advance:
-        x = generator.images(torch.from_numpy(labels), seed, progress=advance)
+        x = sampler.images(torch.from_numpy(labels), seed, progress=advance)
     images = to_uint8(x)
     header = None
     if with_palette:
-        from fedgen.report.palette import palette, palette_strip
-
         colors, shares = palette(images, seed=seed)
         side = max(1, -(-56 // images.shape[1])) * images.shape[2]
         header = palette_strip(colors, shares, width=per_class * (side + 2))

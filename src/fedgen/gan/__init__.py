@@ -1,1 +1,0 @@
-"""PGA: the party (discriminator) side and the generator side of private generator aggregation."""

@@ -1,0 +1,108 @@
+"""fedgen's Flower ClientApp: a silo's worker behind Flower messages.
+
+A SuperNode names its silo in its node config: `partition-id` (the silo number, 0..N-1) and, where the silo
+has its own data, `data-path` (a directory in any format fedgen reads, interpreted as the run's `data.dataset`);
+without `data-path` the silo takes its share of a dataset every node can read (tests and demos). Optional
+`state-dir` holds the silo's persistent state (`fedgen flower supernode --state`; it must be kept for the life of
+every run the silo takes part in). Simulation's virtual nodes get `partition-id` from Flower.
+
+Workers are cached per process (simulation reuses its Ray actors); a deployed SuperNode starts a new process
+per message, so it loads its data per message.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedgen import config as config_mod
+from fedgen.algorithms.registry import make_workers
+from fedgen.core.device import resolve_device
+from fedgen.core.errors import SiloStateError
+from fedgen.core.paths import silo_state_home
+from fedgen.core.records import Reply, Worker
+from fedgen.data.silos import silo_data
+from fedgen.federation.silo_state import SiloStateStore
+from fedgen.runtimes.flower.codec import decode_request, reply_message
+
+app = ClientApp()
+
+
+def _state_dir(node_config: dict, run: dict, silo: int) -> Path:
+    """Silo `silo`'s state folder for `run`: under the SuperNode's `state-dir` (default: the user's state
+    directory, never a cache), keyed by the run's id; on flower-sim, the run directory's `silos/` the server
+    names, exactly where an in-process silo keeps it."""
+    if node_config.get("state-dir"):
+        root = Path(str(node_config["state-dir"])) / str(run["id"])
+    elif run.get("silo_state"):
+        root = Path(str(run["silo_state"]))
+    else:
+        root = silo_state_home() / str(run["id"])
+    return root / f"silo_{silo:03d}"
+
+
+@lru_cache(maxsize=4)
+def _worker(config_json: str, silo: int, data_path: str | None, state_dir: str) -> Worker:
+    cfg = config_mod.validate(json.loads(config_json))
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    data, classes = silo_data(cfg, silo, data_path)
+    # the next request may run in another process (a SuperNode starts one per message; simulation has several
+    # actors): a PGA party writes its discriminator after every step
+    workers = make_workers(cfg, {silo: data}, classes, resolve_device(cfg.train.device),
+                           lambda _silo: SiloStateStore(Path(state_dir)), across_processes=True)
+    return workers[silo]
+
+
+def _silo(context: Context) -> tuple[int, str | None]:
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ValueError("this SuperNode has no partition-id in its node config (its silo number, 0..N-1)")
+    return int(nc["partition-id"]), (str(nc["data-path"]) if nc.get("data-path") else None)
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """Decode, run the silo's worker, encode. Any error becomes an error reply naming the silo; the traceback
+    goes to the SuperNode's log."""
+    silo = -1
+    try:
+        request, run = decode_request(msg)
+        silo, data_path = _silo(context)
+        if request.silo < 0:  # discovery: the server does not know this node's silo yet
+            request.silo = silo
+        elif request.silo != silo:
+            raise ValueError(f"request for silo {request.silo} reached the node of silo {silo}")
+        worker = _worker(json.dumps(run["config"], sort_keys=True), silo, data_path,
+                         str(_state_dir(context.node_config, run, silo)))
+        reply = worker.handle(request)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which names the node
+        traceback.print_exc()
+        reply = Reply(silo, config={"error": f"{type(exc).__name__}: {exc}",
+                                    "fatal": isinstance(exc, SiloStateError)})
+    return reply_message(reply, msg)
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@app.train()
+def fit(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@app.train("pga")
+def pga_step(msg: Message, context: Context) -> Message:
+    return handle(msg, context)

@@ -1,0 +1,90 @@
+"""`fedgen flower supernode`: runs `flower-supernode` for one silo and turns its failures (unreachable SuperLink,
+certificate not trusted, key not registered) into one clear message."""
+
+from __future__ import annotations
+
+import selectors
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from fedgen.core.paths import silo_state_home
+from fedgen.runtimes.flower.deploy.certs import check_node_key
+from fedgen.runtimes.flower.deploy.common import (
+    DeploymentError,
+    flwr_bin,
+    flwr_env,
+    last_lines,
+    need_file,
+    stop_on_signals,
+    terminate,
+)
+
+
+def supernode_command(superlink: str, certs: Path | None, key: Path | None, partition_id: int,
+                      data: Path | None, port: int, max_wait_s: float, state_dir: Path | None) -> list[str]:
+    node_config = f"partition-id={partition_id}"
+    if data is not None:
+        if not data.exists():
+            raise DeploymentError(f"silo data {data} not found")
+        node_config += f" data-path='{data.resolve()}'"
+    node_config += f" state-dir='{Path(state_dir or silo_state_home()).resolve()}'"
+    cmd = [flwr_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config,
+           "--max-wait-time", f"{max_wait_s:g}"]
+    if certs is None:
+        return [*cmd, "--insecure"]
+    if key is None:
+        raise DeploymentError("SuperNode authentication is on: pass --key (a node key from `fedgen flower certs`)")
+    check_node_key(key)
+    return [*cmd, "--root-certificates", str(need_file(certs / "ca.crt", "CA certificate")),
+            "--auth-supernode-private-key", str(key)]
+
+
+def explain_supernode_failure(output: str, superlink: str, certs: Path | None, key: Path | None,
+                              max_wait_s: float) -> str:
+    if "CERTIFICATE_VERIFY_FAILED" in output or "certificate verify failed" in output.lower():
+        return (f"TLS: the SuperLink at {superlink} presented a certificate not signed by "
+                f"{certs / 'ca.crt' if certs else 'the CA'} (wrong --certs, or the certificate does not name this "
+                "address: `fedgen flower certs --host NAME`)")
+    if "code: 2004" in output:
+        return (f"the SuperLink at {superlink} refused node key {key}: it is not registered there (restart `fedgen "
+                f"flower superlink` with its .pub in --certs, or `fedgen flower register {key}.pub`), or a node with "
+                "this key was killed less than a minute ago and is not yet marked offline")
+    if "code: 2001" in output:
+        return f"the SuperLink at {superlink} requires SuperNode authentication: pass --key"
+    if "Giving up reconnection" in output or "Exit Code: 305" in output:
+        return f"could not reach the SuperLink at {superlink} within {max_wait_s:g}s (--max-wait)"
+    return "flower-supernode failed:\n" + last_lines(output, 10)
+
+
+def serve_supernode(superlink: str, certs: Path | None, key: Path | None, partition_id: int, data: Path | None,
+                    port: int = 9094, max_wait_s: float = 60, state_dir: Path | None = None,
+                    echo: Callable[[str], None] = lambda line: print(line, end="")) -> int:
+    """Run one SuperNode (one silo) until it is stopped; a failure to join is a DeploymentError."""
+    cmd = supernode_command(superlink, certs, key, partition_id, data, port, max_wait_s, state_dir)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=flwr_env())
+    stop = stop_on_signals()
+    seen: list[str] = []
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while not stop.requested:
+            if sel.select(timeout=0.5):
+                line = proc.stdout.readline()
+                if not line:  # the SuperNode exited
+                    break
+                echo(line)
+                seen.append(line)
+                del seen[:-200]
+            elif proc.poll() is not None:
+                break
+    finally:
+        terminate(proc)
+        stop.restore()
+    proc.wait()
+    if stop.requested or proc.returncode == 0:
+        return 0
+    raise DeploymentError(f"SuperNode for silo {partition_id}: "
+                          + explain_supernode_failure("".join(seen), superlink, certs, key, max_wait_s))

@@ -1,0 +1,29 @@
+"""`flower-sim`: the run's silos as virtual SuperNodes on Flower's simulation engine (Ray), in this process.
+
+Each virtual node gets `partition-id` = its silo and takes its share of the configured dataset, exactly as an
+in-process silo does; the ServerApp runs the shared round loop in this process. Ray's processes are gone when
+`run_simulation` returns (on success and on error; checked in the tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flwr.simulation import run_simulation
+from rich.console import Console
+
+from fedgen.config import Config
+from fedgen.federation.rundir import RunDir
+from fedgen.runtimes.flower.client_app import app as client_app
+from fedgen.runtimes.flower.server_app import make_server_app
+
+
+def train_simulation(cfg: Config, out: Path, console: Console) -> RunDir:
+    cpus = cfg.runtime.sim_cpus or os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": cfg.runtime.sim_cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR}}
+    run_simulation(server_app=make_server_app(cfg, Path(out), console, "flower-sim"), client_app=client_app,
+                   num_supernodes=cfg.fl.clients, backend_config=backend, verbose_logging=False)
+    return RunDir(out)
