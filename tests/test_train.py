@@ -359,7 +359,7 @@ def test_readers_count_a_round_recorded_twice_once(tmp_path):
 def test_both_algorithms_implement_the_protocols_the_loop_and_the_pools_drive(preset, tmp_path):
     """The round loop drives an `Algorithm` and the pools a `Worker` per silo, whichever algorithm: no probing for
     optional attributes. A fit request's progress length is its optimiser steps; PGA's step has none of its own."""
-    from fedgen.algorithms.registry import make_algorithm
+    from fedgen.algorithms.coordinators import make_algorithm
     from fedgen.core.records import Request, Worker
     from fedgen.federation.algorithm import Algorithm, RoundContext
     from fedgen.runtimes.local import in_process_federation

@@ -59,6 +59,7 @@ class Partition:
 
 
 def _partitioner(method: str, num_clients: int, beta: float, seed: int, min_size: int):
+    # flwr-datasets and HuggingFace datasets (seconds to import): only where a split is made
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     if method == "dirichlet":
@@ -82,7 +83,7 @@ def partition_labels(
     Every client gets at least one sample (`min_size` >= 1): a client with no data has nothing to train on and
     no loss to report; a split that cannot give every client its minimum is refused.
     """
-    from datasets import Dataset
+    from datasets import Dataset  # HuggingFace datasets (seconds to import): only where a split is made
 
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
@@ -128,7 +129,7 @@ def format_table(partition: Partition, classes: list[str]) -> str:
 
 def plot_heatmap(partition: Partition, classes: list[str], path: Path, title: str | None = None) -> None:
     """Client x class heatmap of label counts, as the paper's Fig. 3."""
-    import matplotlib
+    import matplotlib  # plotting only; the backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,6 +27,7 @@ def _inception_class():
             "Inception metrics need torch-fidelity: `.venv/bin/pip install --no-deps torch-fidelity` "
             "(scripts/setup.sh does this)"
         )
+    # torch-fidelity is optional (installed without its torchvision requirement): only for Inception metrics
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     return FeatureExtractorInceptionV3

@@ -127,7 +127,7 @@ def compare(runs: list[Path], metric: str | None = None) -> tuple[list[Series], 
 
 def plot(series: list[Series], metric: str, path: Path, x: str = "compute") -> None:
     """A PNG of the metric against image passes (x='compute') or rounds, one line per run, labelled."""
-    import matplotlib
+    import matplotlib  # plotting only; the backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from fedgen.algorithms.registry import new_network
+from fedgen.algorithms.silos import new_network
 from fedgen.config import Config
 from fedgen.core.device import resolve_device
 from fedgen.core.errors import UsageError

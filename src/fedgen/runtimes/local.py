@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fedgen.algorithms.registry import make_algorithm, make_workers
+from fedgen.algorithms.coordinators import make_algorithm
+from fedgen.algorithms.silos import make_workers
 from fedgen.config import Config
 from fedgen.core.errors import FedgenError, SiloStateError
 from fedgen.core.progress import task

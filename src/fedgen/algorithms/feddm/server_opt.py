@@ -27,7 +27,7 @@ def make_optimizer(fl: FLConfig, params: list[torch.Tensor]) -> torch.optim.Opti
     if fl.strategy == "fedadam":
         return torch.optim.Adam(params, lr=lr, betas=fl.server_betas, eps=tau)
     if fl.strategy == "fedyogi":
-        from pytorch_optimizer import Yogi
+        from pytorch_optimizer import Yogi  # pytorch-optimizer loads ~100 optimisers on import: FedYogi only
 
         return Yogi(params, lr=lr, betas=fl.server_betas, eps=tau, initial_accumulator=tau**2, foreach=False)
     if fl.strategy == "fedadagrad":

@@ -22,7 +22,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedgen import config as config_mod
-from fedgen.algorithms.registry import make_workers
+from fedgen.algorithms.silos import make_workers
 from fedgen.core.device import resolve_device
 from fedgen.core.errors import SiloStateError
 from fedgen.core.paths import silo_state_home

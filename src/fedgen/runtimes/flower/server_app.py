@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedgen import config as config_mod
-from fedgen.algorithms.registry import make_algorithm
+from fedgen.algorithms.coordinators import make_algorithm
 from fedgen.config import Config
 from fedgen.core.errors import FedgenError, UsageError
 from fedgen.core.progress import task

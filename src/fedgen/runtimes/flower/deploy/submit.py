@@ -140,18 +140,20 @@ def _follow(home: FlwrHome, run_id: str, follow: subprocess.Popen, echo: Callabl
                 if line:
                     echo(line.rstrip("\n"))
 
-    answered = time.monotonic()
+    answered, unanswered = time.monotonic(), 0
     while True:
         drain(3.0)
         status = _status(home, run_id, timeout=min(30.0, patience_s))
         if status is None:
-            if time.monotonic() - answered > patience_s:
+            unanswered += 1
+            # twice in a row, not once: one `flwr ls` on a loaded machine can take most of a short patience itself
+            if unanswered >= 2 and time.monotonic() - answered > patience_s:
                 raise DeploymentError(
                     f"the SuperLink at {superlink} has not answered for {patience_s:g}s (runtime.link_timeout_s) "
                     f"while run {run_id} was training; the run directory keeps its last complete round: once the "
                     "SuperLink is back, rerun the same command to resume")
             continue
-        answered = time.monotonic()
+        answered, unanswered = time.monotonic(), 0
         if str(status.get("status", "")).startswith("finished"):
             drain(2.0)  # the last lines of the log
             return status

@@ -1,4 +1,6 @@
-"""Both algorithms behind one door: what the runtimes and the run tools ask for by `cfg.algorithm`."""
+"""The silo side of both algorithms behind one door: the workers a runtime builds where the data is (the in-process
+pool, a Flower ClientApp), and the network a run trains. It imports no coordinating side: a ClientApp process
+(one per message on a deployed SuperNode) loads only what a silo runs."""
 
 from __future__ import annotations
 
@@ -6,23 +8,15 @@ from collections.abc import Callable
 
 import torch
 
-from fedgen.algorithms.feddm.server import FedDM
 from fedgen.algorithms.feddm.silo import FedDMSilo
-from fedgen.algorithms.pga.coordinator import PGA
 from fedgen.algorithms.pga.silo import PGASilo
 from fedgen.config import Config
 from fedgen.core.records import Worker
 from fedgen.data.silos import SiloData
 from fedgen.diffusion.schedule import ddpm_scheduler
-from fedgen.federation.algorithm import Algorithm, RoundContext
 from fedgen.federation.silo_state import SiloStateStore
 from fedgen.nn.gan import new_generator
 from fedgen.nn.unet import new_unet
-
-
-def make_algorithm(ctx: RoundContext) -> Algorithm:
-    """The coordinating side of `ctx.cfg.algorithm` (a federation.algorithm.MakeAlgorithm)."""
-    return PGA(ctx) if ctx.cfg.algorithm == "pga" else FedDM(ctx)
 
 
 def make_workers(cfg: Config, silos: dict[int, SiloData], classes: list[str], device: torch.device,
