@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.table import Table
+
 from fedgen import config as config_mod
 from fedgen.core.errors import UsageError
 from fedgen.federation.rundir import RunDir
-from rich.table import Table
 
 # metrics where larger is better; everything else (FID, KID, losses) is lower-is-better
 HIGHER_IS_BETTER = ("is_", "tstr_acc", "precision", "recall", "accuracy")
