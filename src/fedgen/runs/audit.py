@@ -74,8 +74,9 @@ def _attack_record(prefix: str, members: np.ndarray, others: np.ndarray, seed: i
     return out
 
 
-def audit_run(path: Path, loaded: LoadedModel, *, n: int = 1000, generated: int = 2000, silo: int | None = None, seed: int = 0,
-              timesteps: int = 8, draws: int = 2, copy_ratio: float = 1 / 3, log=print, progress=None) -> dict:
+def audit_run(path: Path, loaded: LoadedModel, *, n: int = 1000, generated: int = 2000, silo: int | None = None,
+              seed: int = 0, timesteps: int = 8, draws: int = 2, copy_ratio: float = 1 / 3, log=print,
+              progress=None) -> dict:
     """The audit record of `loaded` (runs/load.load_run_model of the run at `path`)."""
     run = RunDir(path)
     cfg = loaded.cfg
