@@ -85,6 +85,5 @@ def silo_data(cfg: Config, silo: int, data_path: str | None = None) -> tuple[Sil
     if not 0 <= silo < len(partition.client_indices):
         raise UsageError(f"silo {silo} does not exist: the run has {len(partition.client_indices)} silos "
                          f"(fl.clients), numbered from 0")
-    idx = torch.from_numpy(partition.client_indices[silo])
-    return SiloData(to_tensor(dataset.train.images)[idx], torch.from_numpy(dataset.train.labels)[idx]), \
-        dataset.classes
+    idx = partition.client_indices[silo]  # convert this silo's share only, not the whole dataset
+    return SiloData.of(dataset.train.images[idx], dataset.train.labels[idx]), dataset.classes
