@@ -13,21 +13,26 @@ from fedgen.diffusion.schedule import alpha_bars
 
 
 class ExactEps(torch.nn.Module):
+    """The exact noise predictor (or, for a config with prediction="v", the exact v = sqrt(abar) eps -
+    sqrt(1 - abar) x0)."""
+
     def __init__(self, cfg: DiffusionConfig, prototypes: torch.Tensor, error: float = 0.0):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the sampler a device
         self.alpha_bar = alpha_bars(cfg.schedule, cfg.timesteps).float()
         self.prototypes = prototypes
         self.error = error
+        self.v = cfg.prediction == "v"
         self.calls = 0
 
     def forward(self, x, t, class_labels):
         self.calls += 1
         ab = self.alpha_bar[t].view(-1, 1, 1, 1)
-        eps = (x - ab.sqrt() * self.prototypes[class_labels]) / (1 - ab).sqrt()
+        x0 = self.prototypes[class_labels]
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
         if self.error:
             eps = eps + self.error * torch.randn(eps.shape, generator=torch.Generator().manual_seed(self.calls))
-        return type("Out", (), {"sample": eps})
+        return type("Out", (), {"sample": ab.sqrt() * eps - (1 - ab).sqrt() * x0 if self.v else eps})
 
 
 PROTOS = torch.linspace(-0.9, 0.9, 3 * 64).reshape(3, 1, 8, 8)
@@ -40,8 +45,9 @@ LABELS = torch.tensor([0, 1, 2, 2, 1, 0])
                                                          ("dpm-solver-3", None, 10), ("dpm-solver-sde", None, 20),
                                                          ("unipc", None, 10)])
 @pytest.mark.parametrize("clip", [True, False])
-def test_exact_predictor_recovers_the_data(schedule, sampler, sigma, steps, clip):
-    cfg = DiffusionConfig(timesteps=100, schedule=schedule, clip_x0=clip)
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_exact_predictor_recovers_the_data(schedule, sampler, sigma, steps, clip, prediction):
+    cfg = DiffusionConfig(timesteps=100, schedule=schedule, clip_x0=clip, prediction=prediction)
     model = ExactEps(cfg, PROTOS)
     out = sample(model, cfg, LABELS, (1, 8, 8), seed=0, sampler=sampler, steps=steps, sigma=sigma)
     assert out.shape == (6, 1, 8, 8)

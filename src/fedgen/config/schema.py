@@ -51,6 +51,14 @@ class DiffusionConfig(_Section):
     schedule: Literal["linear", "cosine"] = Field(
         "linear", description="linear: DDPM's [1e-4, 0.02] rescaled by 1000/T so that alpha_bar_T ~ 0"
     )
+    prediction: Literal["epsilon", "v"] = Field(
+        "epsilon", description="what the U-Net predicts: epsilon (the paper, eq. 2) or v = sqrt(abar) eps - "
+        "sqrt(1 - abar) x0 (Salimans & Ho 2022)"
+    )
+    min_snr_gamma: float | None = Field(
+        None, gt=0, description="weight each image's loss by min-SNR-gamma (Hang et al. 2023; 5 in the paper): "
+        "min(SNR(t), gamma)/SNR(t) for epsilon, /(SNR(t)+1) for v; None: eq. (2)'s uniform weights"
+    )
     sigma: Literal["beta", "beta-tilde"] = Field("beta-tilde", description="ancestral sampler variance, eq. (3)")
     guidance: float = Field(
         1.0, ge=0, description="classifier-free guidance scale w (1: plain conditional; needs train.label_dropout)"
@@ -125,6 +133,12 @@ class TrainConfig(_Section):
         None, ge=1, description="torch CPU threads of the run's work, at the silos and the coordinator (None: the "
         "process default). CPU results are bit-identical across runtimes for equal thread counts"
     )
+    lr_decay_rounds: int | None = Field(
+        None, ge=2, description="FedDM: cosine decay of the local learning rate over the first this many rounds, "
+        "from train.lr to train.lr_final_ratio * train.lr, constant after (a function of the round alone, so "
+        "extending fl.rounds keeps it); None: constant"
+    )
+    lr_final_ratio: float = Field(0.1, ge=0, le=1, description="the decay's end, as a share of train.lr")
     label_dropout: float = Field(
         0.0, ge=0, lt=1, description="share of training labels replaced by a null class (enables classifier-free "
         "guidance)"
@@ -303,7 +317,8 @@ def _changed(section: BaseModel, *names: str) -> list[str]:
 
 
 # FedDM-only settings (PGA trains a GAN: no diffusion, no U-Net, no weight averaging)
-_FEDDM_ONLY = {"model": (), "diffusion": (), "train": ("lr", "bf16", "label_dropout", "ema_decay"),
+_FEDDM_ONLY = {"model": (), "diffusion": (), "train": ("lr", "bf16", "label_dropout", "ema_decay", "lr_decay_rounds",
+                                                       "lr_final_ratio"),
                "fl": ("local_epochs", "max_update_norm_ratio"), "eval": ("sampler", "steps", "bf16"),
                "log": ("loss_eval_samples",)}
 # the server-optimiser and remedy settings, by the strategies that read them
@@ -329,6 +344,8 @@ def ignored_settings(cfg: Config) -> list[tuple[str, str]]:
         for section, names in _FEDDM_ONLY.items():
             out += [(f"{section}.{name}", "used only by algorithm=feddm (PGA trains a GAN: see the pga section)")
                     for name in _changed(getattr(cfg, section), *names)]
+    if cfg.train.lr_decay_rounds is None and _changed(cfg.train, "lr_final_ratio"):
+        out.append(("train.lr_final_ratio", "the end of a decay: set train.lr_decay_rounds"))
     for name, strategies in _STRATEGY_KEYS.items():
         if cfg.fl.strategy not in strategies and _changed(cfg.fl, name):
             out.append((f"fl.{name}", f"used only with fl.strategy={' or '.join(strategies)}"))

@@ -24,7 +24,7 @@ from torch import nn
 from fedgen.config import DiffusionConfig
 from fedgen.config.choices import SAMPLERS
 from fedgen.core.errors import UsageError
-from fedgen.diffusion.schedule import betas, ddpm_scheduler, respaced_timesteps
+from fedgen.diffusion.schedule import PREDICTION_TYPES, betas, ddpm_scheduler, respaced_timesteps
 
 SIGMAS = ("beta", "beta-tilde")
 
@@ -63,8 +63,8 @@ def _new_scheduler(cfg: DiffusionConfig, sampler: str, sigma: str | None):
         raise SamplingError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     trained = betas(cfg.schedule, cfg.timesteps).float().numpy()
     # with sample_max_value 1, dynamic thresholding is a clip of the predicted x_0 to [-1, 1]
-    common = dict(num_train_timesteps=cfg.timesteps, trained_betas=trained, prediction_type="epsilon",
-                  final_sigmas_type="zero", thresholding=cfg.clip_x0, sample_max_value=1.0)
+    common = dict(num_train_timesteps=cfg.timesteps, trained_betas=trained,
+                  prediction_type=PREDICTION_TYPES[cfg.prediction], final_sigmas_type="zero", thresholding=cfg.clip_x0, sample_max_value=1.0)
     if sampler == "unipc":
         return _RespacedUniPC(solver_order=2, solver_type="bh2", predict_x0=True, **common)
     order = {"ddim": 1, "dpm-solver-3": 3}.get(sampler, 2)
@@ -141,13 +141,13 @@ def sample(
             x_in = scheduler.scale_model_input(x, t)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if guidance == 1.0:
-                    eps = model(x_in, t.to(device).expand(len(chunk)), class_labels=y).sample.float()
+                    pred = model(x_in, t.to(device).expand(len(chunk)), class_labels=y).sample.float()
                 else:
                     both = model(torch.cat([x_in, x_in]), t.to(device).expand(2 * len(chunk)),
                                  class_labels=torch.cat([y, torch.full_like(y, null_label)])).sample.float()
-                    eps_y, eps_null = both.chunk(2)
-                    eps = eps_null + guidance * (eps_y - eps_null)
-            x = (scheduler.step(eps, t, x, generator=generator) if noisy else scheduler.step(eps, t, x)).prev_sample
+                    pred_y, pred_null = both.chunk(2)
+                    pred = pred_null + guidance * (pred_y - pred_null)  # linear: the same in eps or v
+            x = (scheduler.step(pred, t, x, generator=generator) if noisy else scheduler.step(pred, t, x)).prev_sample
             if progress is not None:
                 progress(len(chunk))
         out.append(x.clamp(-1, 1).cpu())

@@ -17,6 +17,7 @@ from fedgen.config import DiffusionConfig
 from fedgen.core.errors import UsageError
 
 MAX_BETA = 0.999
+PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}  # diffusion.prediction -> diffusers' name
 
 
 def betas(schedule: str, timesteps: int) -> torch.Tensor:
@@ -84,5 +85,5 @@ def ddpm_scheduler(cfg: DiffusionConfig, sigma: str | None = None) -> DDPMSchedu
         trained_betas=betas(cfg.schedule, cfg.timesteps).float().numpy(),
         variance_type="fixed_large" if sigma == "beta" else "fixed_small",
         clip_sample=cfg.clip_x0,
-        prediction_type="epsilon",
+        prediction_type=PREDICTION_TYPES[cfg.prediction],
     )

@@ -7,6 +7,7 @@ privacy/dpsgd.PrivateSteps (same methods); FedProx and SCAFFOLD act through a re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -50,6 +51,17 @@ class TrainSettings:
     keep_optimizer: bool = False  # carry Adam's state across rounds (the centralized baseline)
     label_dropout: float = 0.0  # share of labels replaced by `null_label` (classifier-free guidance)
     null_label: int = -1
+    min_snr_gamma: float | None = None  # loss weighting (diffusion/loss.py); None: uniform, eq. (2)
+    lr_decay_rounds: int | None = None  # cosine decay of lr over these rounds (None: constant)
+    lr_final_ratio: float = 0.1
+
+    def lr_at(self, round_idx: int) -> float:
+        """The local learning rate of round `round_idx` (0-based): cosine from `lr` to `lr_final_ratio * lr` over
+        the first `lr_decay_rounds` rounds, then constant."""
+        if self.lr_decay_rounds is None:
+            return self.lr
+        progress = min(round_idx / (self.lr_decay_rounds - 1), 1.0)
+        return self.lr * (self.lr_final_ratio + (1 - self.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class PlainSteps:
@@ -151,9 +163,12 @@ class LocalUpdate:
         model = self.model
         model.load_state_dict(global_state)
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        lr = settings.lr_at(round_idx)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         if settings.keep_optimizer and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
+            for group in optimizer.param_groups:  # the saved state carries the lr of its own round
+                group["lr"] = lr
         before_step = remedy.before_step if remedy is not None else None
         if private is not None:
             gen, steps = private.generator, private.wrap(model, optimizer, settings.batch_size, before_step)
@@ -176,7 +191,7 @@ class LocalUpdate:
                     losses.skip()
                 else:
                     per_row = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16,
-                                             reduction="none")
+                                             reduction="none", min_snr_gamma=settings.min_snr_gamma)
                     losses.add(per_row.detach().mean())
                     steps.step(per_row, len(idx))
                 if remedy is not None:

@@ -36,7 +36,8 @@ def train_settings(cfg: Config, num_classes: int) -> TrainSettings:
     t = cfg.train
     return TrainSettings(epochs=cfg.fl.local_epochs, batch_size=t.batch_size, lr=t.lr, hflip=cfg.data.hflip,
                          bf16=t.bf16, seed=t.seed, label_dropout=t.label_dropout, null_label=num_classes,
-                         keep_optimizer=cfg.fl.centralized)
+                         keep_optimizer=cfg.fl.centralized, min_snr_gamma=cfg.diffusion.min_snr_gamma,
+                         lr_decay_rounds=t.lr_decay_rounds, lr_final_ratio=t.lr_final_ratio)
 
 
 def planned_rounds(cfg: Config, silo: int) -> int:
@@ -121,7 +122,8 @@ class FedDMSilo:
             return None
         if self.store is None:
             raise SiloDataError(f"silo {self.silo}: SCAFFOLD needs a state directory for its control variate")
-        return ScaffoldCorrection(self.local.model, request.arrays["global"], self.settings.lr,
+        return ScaffoldCorrection(self.local.model, request.arrays["global"],
+                                  self.settings.lr_at(int(request.config["round"])),
                                   request.arrays["control"], saved.get("control"))
 
     def _private_fit(self, saved: dict, round_idx: int, known_steps: int) -> DPSGD | None:

@@ -1,0 +1,108 @@
+"""FedDM recipe ablation: the default job (`fmnist-quick`) with one change at a time, at the same training budget.
+
+Each variant is `fedgen train --preset PRESET --set ...` (the same rounds, clients, local epochs and data, so the
+same image passes unless the variant changes them), timed alone, then evaluated with fedgen's own evaluation:
+domain FID of `--n` samples (SDE-DPM-Solver++ at the eval defaults), the share of samples the domain classifier
+recognises as their label, and TSTR (the fixed EvalCNN recipe: 4 epochs, never selected on the test set) trained on
+`--tstr-samples` samples. Domain metrics only: no Inception weights on this machine.
+
+    .venv/bin/python bench/feddm_recipe.py --variants baseline,min-snr --runs bench/results/recipe \
+        --out docs/bench/feddm_recipe_cpu.json
+
+A variant already trained in `--runs` is not retrained (its recorded wall time is reused), so the script resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import device_name
+
+# one change each against the preset (name -> --set overrides); combinations are named with "+"
+VARIANTS: dict[str, list[str]] = {
+    "baseline": [],
+    "min-snr": ["diffusion.min_snr_gamma=5"],
+    "v": ["diffusion.prediction=v"],
+    "v+min-snr": ["diffusion.prediction=v", "diffusion.min_snr_gamma=5"],
+    "label-dropout": ["train.label_dropout=0.1"],
+    "lr-2e-3": ["train.lr=2e-3"],
+}
+
+
+def train(name: str, sets: list[str], runs: Path, preset: str) -> float:
+    out = runs / name
+    timing = out / "bench_train_s.json"
+    if timing.exists():
+        return json.loads(timing.read_text())["train_s"]
+    cmd = [str(Path(sys.executable).parent / "fedgen"), "train", "--preset", preset, "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    timing.write_text(json.dumps({"train_s": seconds, "command": cmd}))
+    return seconds
+
+
+def evaluate(run: Path, n: int, tstr_samples: int, guidance: float | None) -> dict:
+    from fedgen.runs.evaluate import evaluate_run
+
+    record, _ = evaluate_run(run, n=n, tstr=True, tstr_samples=tstr_samples, guidance=guidance, log=lambda m: None)
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="baseline", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=KEY=VALUE",
+                   help="an extra variant: its name, then one override (repeat for more overrides)")
+    p.add_argument("--preset", default="fmnist-quick")
+    p.add_argument("--runs", type=Path, default=Path("bench/results/recipe"))
+    p.add_argument("--n", type=int, default=2000, help="samples for domain FID and label agreement")
+    p.add_argument("--tstr-samples", type=int, default=5000)
+    p.add_argument("--guidance", default="", help="comma-separated guidance scales to also evaluate "
+                   "(label-dropout variants only)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}
+    for item in args.set:
+        name, override = item.split("=", 1)
+        variants.setdefault(name, []).append(override)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, sets in variants.items():
+        seconds = train(name, sets, args.runs, args.preset)
+        scales = [None] + ([float(g) for g in args.guidance.split(",") if g]
+                           if any(s.startswith("train.label_dropout") for s in sets) else [])
+        for g in scales:
+            rec = evaluate(args.runs / name, args.n, args.tstr_samples, g)
+            rows.append({"variant": name, "sets": sets, "train_s": round(seconds, 1), "guidance": rec["guidance"],
+                         "fid_domain_test": rec["fid_domain_test"],
+                         "label_agreement_domain": rec["label_agreement_domain"],
+                         "precision_domain_test": rec["precision_domain_test"],
+                         "recall_domain_test": rec["recall_domain_test"],
+                         "tstr_accuracy": rec["tstr_accuracy"], "sampler": rec["sampler"], "steps": rec["steps"]})
+            r = rows[-1]
+            print(f"{name:24s} w={r['guidance']:<4g} train {r['train_s']:6.1f}s  FID {r['fid_domain_test']:6.2f}  "
+                  f"recognised {r['label_agreement_domain']:.3f}  P/R {r['precision_domain_test']:.2f}/"
+                  f"{r['recall_domain_test']:.2f}  TSTR {r['tstr_accuracy']:.3f}", flush=True)
+    result = {"device": device_name(torch.device("cpu")), "preset": args.preset, "fid_samples": args.n,
+              "tstr_samples": args.tstr_samples, "seeds": 1,
+              "metrics": "domain (fedgen's EvalCNN features), not Inception", "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        existing = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+        keep = [r for r in existing if (r["variant"], r["guidance"]) not in {(x["variant"], x["guidance"])
+                                                                             for x in rows}]
+        result["rows"] = keep + rows
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The training objective's options: v-prediction and min-SNR-gamma weighting (diffusion/loss.py), checked against
+the closed forms, and a training run that records and uses them."""
+
+import os
+
+import pytest
+import torch
+from rich.console import Console
+
+from fedgen import config as C
+from fedgen.config import DiffusionConfig
+from fedgen.diffusion.loss import diffusion_loss, loss_weights, snr, training_target
+from fedgen.diffusion.schedule import alpha_bars, ddpm_scheduler
+from fedgen.federation.rundir import RunDir
+from fedgen.runtimes.local import train
+
+QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+
+
+def _scheduler(prediction: str, T: int = 100):
+    return ddpm_scheduler(DiffusionConfig(timesteps=T, schedule="linear", prediction=prediction))
+
+
+def test_snr_and_min_snr_weights_match_the_closed_form():
+    ab = alpha_bars("linear", 100).float()
+    t = torch.tensor([0, 10, 40, 99])
+    expected_snr = ab[t] / (1 - ab[t])
+    sched = _scheduler("epsilon")
+    assert torch.allclose(snr(sched, t), expected_snr)
+    # SNR at t=0 is ~ 1e4 (capped: weight gamma/SNR), at t=99 ~ 4e-5 (uncapped: weight 1 for epsilon)
+    assert expected_snr[0] > 5 > expected_snr[-1]
+    capped = expected_snr.clamp(max=5.0)
+    assert torch.allclose(loss_weights(sched, t, 5.0), capped / expected_snr)
+    assert torch.allclose(loss_weights(_scheduler("v"), t, 5.0), capped / (expected_snr + 1))
+    assert loss_weights(sched, t, None) is None
+
+
+def test_v_target_is_sqrt_abar_eps_minus_sqrt_one_minus_abar_x0():
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 1, 6, 6, generator=gen) * 2 - 1, torch.randn(4, 1, 6, 6, generator=gen)
+    t = torch.tensor([0, 5, 50, 99])
+    ab = alpha_bars("linear", 100).float()[t].view(-1, 1, 1, 1)
+    v = training_target(_scheduler("v"), x0, noise, t)
+    assert torch.allclose(v, ab.sqrt() * noise - (1 - ab).sqrt() * x0, atol=1e-6)
+    assert torch.equal(training_target(_scheduler("epsilon"), x0, noise, t), noise)
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the exact target for a batch whose x0 it was told, plus a fixed offset: its loss is offset^2."""
+
+    def __init__(self, scheduler, x0, offset: float):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.scheduler, self.x0, self.offset = scheduler, x0, offset
+
+    def forward(self, x_t, t, class_labels):
+        ab = self.scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        noise = (x_t - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+        target = training_target(self.scheduler, self.x0, noise, t)
+        return type("Out", (), {"sample": target + self.offset})
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_loss_scores_the_scheduler_target_and_applies_the_weights(prediction):
+    sched = _scheduler(prediction)
+    x0 = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.zeros(64, dtype=torch.long)
+    model = Oracle(sched, x0, offset=0.5)
+    plain = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(2), reduction="none")
+    assert torch.allclose(plain, torch.full((64,), 0.25), atol=1e-4)  # exactly the offset: the right target
+    weighted = diffusion_loss(model, sched, x0, labels, torch.Generator().manual_seed(2), reduction="none",
+                              min_snr_gamma=5.0)
+    t = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(2))  # the loss's own draw
+    assert torch.allclose(weighted, plain * loss_weights(sched, t, 5.0), atol=1e-6)
+    assert not torch.allclose(weighted, plain)
+
+
+def test_a_run_records_its_objective_and_trains_with_it(tmp_path):
+    """The options reach the silos' loss: one smoke round with v + min-SNR ends with other weights than the
+    paper's objective from the same seed, and the run's config records them."""
+    states = {}
+    for name, sets in (("paper", []), ("v", ["diffusion.prediction=v", "diffusion.min_snr_gamma=5"])):
+        out = tmp_path / name
+        train(C.load("smoke", overrides=["fl.rounds=1", *sets]), out, QUIET)
+        states[name] = RunDir(out).load_checkpoint().global_state
+    saved = C.load(config_path=tmp_path / "v" / "config.toml")
+    assert (saved.diffusion.prediction, saved.diffusion.min_snr_gamma) == ("v", 5.0)
+    assert C.load(config_path=tmp_path / "paper" / "config.toml").diffusion.min_snr_gamma is None
+    assert any(not torch.equal(states["paper"][k], states["v"][k]) for k in states["paper"])
+
+
+def test_cosine_lr_decay_over_rounds_then_constant():
+    from fedgen.algorithms.feddm.local_update import TrainSettings
+
+    s = TrainSettings(epochs=1, batch_size=8, lr=1e-3, hflip=False, bf16=False, seed=0, lr_decay_rounds=5,
+                      lr_final_ratio=0.1)
+    assert [round(s.lr_at(r), 12) for r in range(7)] == [1e-3, round(1e-4 + 9e-4 * (1 + 0.5 ** 0.5) / 2, 12),
+                                                         5.5e-4, round(1e-4 + 9e-4 * (1 - 0.5 ** 0.5) / 2, 12),
+                                                         1e-4, 1e-4, 1e-4]
+    constant = TrainSettings(epochs=1, batch_size=8, lr=1e-3, hflip=False, bf16=False, seed=0)
+    assert {constant.lr_at(r) for r in range(50)} == {1e-3}
+
+
+def test_the_round_learning_rate_reaches_adam_even_with_carried_state():
+    """The centralized baseline carries Adam's state across rounds; the state's saved lr must not win."""
+    from fedgen.algorithms.feddm.local_update import LocalUpdate, TrainSettings
+    from fedgen.data.silos import SiloData
+    from fedgen.nn.unet import build_unet
+
+    cfg = C.load("smoke")
+    model = build_unet(cfg.model, (1, 8, 8), 3)
+    data = SiloData(torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 3)
+    settings = TrainSettings(epochs=1, batch_size=8, lr=1e-3, hflip=False, bf16=False, seed=0, keep_optimizer=True,
+                             lr_decay_rounds=3, lr_final_ratio=0.25)
+    local = LocalUpdate(0, data, model, ddpm_scheduler(cfg.diffusion), torch.device("cpu"))
+    first = local.fit(model.state_dict(), 0, settings)
+    assert first.optimizer_state["param_groups"][0]["lr"] == 1e-3
+    later = local.fit(first.state, 2, settings, optimizer_state=first.optimizer_state)
+    assert later.optimizer_state["param_groups"][0]["lr"] == 2.5e-4
+
+
+def test_lr_final_ratio_without_a_decay_is_refused():
+    with pytest.raises(C.ConfigError, match="train.lr_final_ratio.*set train.lr_decay_rounds"):
+        C.load("smoke", overrides=["train.lr_final_ratio=0.5"])
