@@ -64,7 +64,8 @@ def _new_scheduler(cfg: DiffusionConfig, sampler: str, sigma: str | None):
     trained = betas(cfg.schedule, cfg.timesteps).float().numpy()
     # with sample_max_value 1, dynamic thresholding is a clip of the predicted x_0 to [-1, 1]
     common = dict(num_train_timesteps=cfg.timesteps, trained_betas=trained,
-                  prediction_type=PREDICTION_TYPES[cfg.prediction], final_sigmas_type="zero", thresholding=cfg.clip_x0, sample_max_value=1.0)
+                  prediction_type=PREDICTION_TYPES[cfg.prediction], final_sigmas_type="zero",
+                  thresholding=cfg.clip_x0, sample_max_value=1.0)
     if sampler == "unipc":
         return _RespacedUniPC(solver_order=2, solver_type="bh2", predict_x0=True, **common)
     order = {"ddim": 1, "dpm-solver-3": 3}.get(sampler, 2)
