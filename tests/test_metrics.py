@@ -140,6 +140,31 @@ def test_tstr_defaults_to_the_training_set_size_and_class_counts(digits_domain, 
     assert record["domain_classifier"].startswith("domain-digits-1x8x8-") and record["sampler"] == "ddpm"
 
 
+def test_label_agreement_is_the_domain_classifiers_accuracy_on_the_samples(digits_domain, monkeypatch):
+    """A 'generator' that returns the real test images: agreement is the classifier's real test accuracy; with the
+    labels rolled by one class, it is the share the classifier puts in the neighbouring class (near zero)."""
+    from fedgen import config as C
+    from fedgen.diffusion.pipeline import DiffusionSampler
+    from fedgen.evaluation import evaluate as E
+
+    ds, extractor, info = digits_domain
+    order = np.argsort(ds.test.labels, kind="stable")  # labels_like yields sorted labels: the real images in order
+    images = to_tensor(ds.test.images[order])
+    shift = {"label": 0}
+
+    def real_as_generated(generator, labels, seed, progress=None, purpose=""):
+        return E.Generated(images, (labels + shift["label"]) % 10, 0.0)
+
+    monkeypatch.setattr(E, "generate", real_as_generated)
+    cfg = C.load("smoke")
+    sampler = DiffusionSampler(torch.nn.Linear(1, 1), cfg.diffusion, (1, 8, 8), None)
+    ev = cfg.eval.model_copy(update={"classifier_epochs": 6})
+    record = E.evaluate_model(sampler, cfg, ds, ev, log=lambda m: None)
+    assert record["label_agreement_domain"] == pytest.approx(info["real_test_accuracy"], abs=1e-9)
+    shift["label"] = 1
+    assert E.evaluate_model(sampler, cfg, ds, ev, log=lambda m: None)["label_agreement_domain"] < 0.1
+
+
 def test_generated_labels_follow_the_real_class_counts():
     labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
     assert torch.bincount(labels_like(labels, 100, 3)).tolist() == [50, 30, 20]

@@ -91,7 +91,7 @@ def evaluate_model(sampler, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, se
         feats, logits = ex.features_and_logits(fake.images)
         record |= generative_metrics(ex.name, {s: f for s, (f, _) in real.items()}, feats, logits)
         if ex is extractor:  # its classes are the dataset's: how many samples it recognises as their label
-            record["label_agreement_domain"] = float((logits.argmax(1).cpu() == fake.labels).float().mean())
+            record["label_agreement_domain"] = float((logits.argmax(1).cpu() == fake.labels).double().mean())
         record[f"notes_{ex.name}"] = ex.note
     if ev.tstr:
         m = ev.tstr_samples or len(ds.train.labels)
