@@ -51,10 +51,12 @@ def train(name: str, sets: list[str], runs: Path, preset: str) -> float:
 
 
 def evaluate(run: Path, n: int, tstr_samples: int, guidance: float | None) -> dict:
-    from fedgen.runs.evaluate import evaluate_run
-
-    record, _ = evaluate_run(run, n=n, tstr=True, tstr_samples=tstr_samples, guidance=guidance, log=lambda m: None)
-    return record
+    """`fedgen evaluate` in its own process (the code that trained the run), then its record in metrics.jsonl."""
+    cmd = [str(Path(sys.executable).parent / "fedgen"), "evaluate", str(run), "--n", str(n), "--tstr",
+           "--tstr-samples", str(tstr_samples)] + ([] if guidance is None else ["--guidance", str(guidance)])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("event") == "evaluate"][-1]
 
 
 def main() -> None:
@@ -92,16 +94,20 @@ def main() -> None:
             print(f"{name:24s} w={r['guidance']:<4g} train {r['train_s']:6.1f}s  FID {r['fid_domain_test']:6.2f}  "
                   f"recognised {r['label_agreement_domain']:.3f}  P/R {r['precision_domain_test']:.2f}/"
                   f"{r['recall_domain_test']:.2f}  TSTR {r['tstr_accuracy']:.3f}", flush=True)
+            if args.out:  # after every row: a long queue that stops keeps what it measured
+                write(args.out, args, rows)
+
+
+def write(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """Merge `rows` into the JSON at `path` (a variant measured again replaces its old row)."""
     result = {"device": device_name(torch.device("cpu")), "preset": args.preset, "fid_samples": args.n,
               "tstr_samples": args.tstr_samples, "seeds": 1,
               "metrics": "domain (fedgen's EvalCNN features), not Inception", "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        existing = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
-        keep = [r for r in existing if (r["variant"], r["guidance"]) not in {(x["variant"], x["guidance"])
-                                                                             for x in rows}]
-        result["rows"] = keep + rows
-        args.out.write_text(json.dumps(result, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text())["rows"] if path.exists() else []
+    new = {(r["variant"], r["guidance"]) for r in rows}
+    result["rows"] = [r for r in existing if (r["variant"], r["guidance"]) not in new] + rows
+    path.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
