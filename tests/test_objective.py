@@ -122,3 +122,12 @@ def test_the_round_learning_rate_reaches_adam_even_with_carried_state():
 def test_lr_final_ratio_without_a_decay_is_refused():
     with pytest.raises(C.ConfigError, match="train.lr_final_ratio.*set train.lr_decay_rounds"):
         C.load("smoke", overrides=["train.lr_final_ratio=0.5"])
+
+
+def test_the_paper_presets_keep_the_papers_objective_and_the_default_job_does_not():
+    for name in C.PRESETS:
+        d = C.load(name).diffusion
+        if name.startswith("paper-") or name == "smoke":
+            assert (d.prediction, d.min_snr_gamma) == ("epsilon", None), name
+    d = C.load("fmnist-quick").diffusion
+    assert (d.prediction, d.min_snr_gamma) == ("v", 5.0)
