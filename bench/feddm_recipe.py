@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "v+min-snr": [],  # the default job
     "v+min-snr+lr-decay": ["train.lr_decay_rounds=30"],
     "v+min-snr+label-dropout": ["train.label_dropout=0.1"],
+    "v+min-snr+lr-decay+label-dropout": ["train.lr_decay_rounds=30", "train.label_dropout=0.1"],
 }
 
 
