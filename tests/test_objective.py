@@ -77,9 +77,10 @@ def test_loss_scores_the_scheduler_target_and_applies_the_weights(prediction):
 
 def test_a_run_records_its_objective_and_trains_with_it(tmp_path):
     """The options reach the silos' loss: one smoke round with v + min-SNR ends with other weights than the
-    paper's objective from the same seed, and the run's config records them."""
+    paper's objective and than v alone from the same seed, and the run's config records them."""
     states = {}
-    for name, sets in (("paper", []), ("v", ["diffusion.prediction=v", "diffusion.min_snr_gamma=5"])):
+    for name, sets in (("paper", []), ("v", ["diffusion.prediction=v", "diffusion.min_snr_gamma=5"]),
+                       ("v-uniform", ["diffusion.prediction=v"])):
         out = tmp_path / name
         train(C.load("smoke", overrides=["fl.rounds=1", *sets]), out, QUIET)
         states[name] = RunDir(out).load_checkpoint().global_state
@@ -87,6 +88,7 @@ def test_a_run_records_its_objective_and_trains_with_it(tmp_path):
     assert (saved.diffusion.prediction, saved.diffusion.min_snr_gamma) == ("v", 5.0)
     assert C.load(config_path=tmp_path / "paper" / "config.toml").diffusion.min_snr_gamma is None
     assert any(not torch.equal(states["paper"][k], states["v"][k]) for k in states["paper"])
+    assert any(not torch.equal(states["v-uniform"][k], states["v"][k]) for k in states["v"])  # the weights too
 
 
 def test_cosine_lr_decay_over_rounds_then_constant():
