@@ -329,3 +329,48 @@ def test_an_image_side_the_networks_cannot_take_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="image side divisible by 4, got 6x6; set data.image_size"):
         train(C.load("pga-smoke", overrides=["data.image_size=6"]), tmp_path / "r", QUIET)
     assert not (tmp_path / "r" / "config.toml").exists()
+
+
+def test_generator_average_is_the_warm_up_ema_of_weights_and_batchnorm_statistics():
+    from fedgen.algorithms.pga.coordinator import generator_average
+
+    g = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = generator_average(g, 0.9)
+    history = []
+    for step in range(4):
+        with torch.no_grad():
+            g[0].weight.fill_(float(step + 1))
+        g.train()
+        g(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))  # moves the running mean
+        history.append((g[0].weight.clone(), g[1].running_mean.clone()))
+        ema.update_parameters(g)
+    want_w, want_m = history[0]  # the first update copies; then decay min(0.9, (1+n)/(10+n)) at update n
+    for n, (w, m) in enumerate(history[1:], start=1):
+        d = min(0.9, (1 + n) / (10 + n))
+        want_w, want_m = d * want_w + (1 - d) * w, d * want_m + (1 - d) * m
+    assert torch.allclose(ema.module[0].weight, want_w, atol=0, rtol=1e-6)
+    assert torch.allclose(ema.module[1].running_mean, want_m, atol=0, rtol=1e-6)
+    assert not torch.equal(ema.module[0].weight, g[0].weight)
+
+
+def test_pga_with_a_generator_average_samples_with_it_and_resumes_bit_identically(pga_run, tmp_path):
+    from fedgen.runs.load import load_run_model
+
+    sets = ["train.cpu_threads=1", "pga.ema_decay=0.99"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(C.load("pga-smoke", overrides=sets), whole, QUIET)
+    train(C.load("pga-smoke", overrides=[*sets, "fl.rounds=1"]), split, QUIET)
+    train(C.load("pga-smoke", overrides=sets), split, QUIET)
+    for name in ("global", "ema"):
+        a = load_file(whole / "checkpoints" / "round_0002" / f"{name}.safetensors")
+        b = load_file(split / "checkpoints" / "round_0002" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the average changes nothing in training: the generator itself is the one of the run without it
+    plain = load_file(pga_run / "checkpoints" / "round_0002" / "global.safetensors")
+    generator = load_file(whole / "checkpoints" / "round_0002" / "global.safetensors")
+    assert all(torch.equal(plain[k], generator[k]) for k in plain)
+    loaded, raw = load_run_model(whole), load_run_model(whole, raw=True)
+    assert (loaded.weights, raw.weights) == ("ema", "raw")
+    ema = load_file(whole / "checkpoints" / "round_0002" / "ema.safetensors")
+    assert all(torch.equal(loaded.model.state_dict()[k], ema[k]) for k in ema)
+    assert not torch.equal(loaded.model.state_dict()["body.0.weight"], raw.model.state_dict()["body.0.weight"])

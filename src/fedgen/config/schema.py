@@ -197,6 +197,9 @@ class PGAConfig(_Section):
     width: int = Field(64, ge=4, description="generator base width")
     lr_generator: float = Field(2e-4, gt=0)
     lr_discriminator: float = Field(2e-4, gt=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator's weights (and BatchNorm "
+                             "statistics), updated after every generator step with decay min(ema_decay, (1+n)/(10+n)) "
+                             "at step n; sample/evaluate use it (--raw: the generator itself); 0: off (the paper)")
 
 
 class RuntimeConfig(_Section):

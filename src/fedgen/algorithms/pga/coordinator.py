@@ -23,6 +23,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from fedgen.core.progress import task
 from fedgen.core.records import Reply, Request, State, payload_nbytes
@@ -35,16 +36,27 @@ from fedgen.privacy.ledger import RunPrivacy
 BETAS = (0.5, 0.999)
 
 
+def generator_average(g: torch.nn.Module, decay: float) -> AveragedModel:
+    """torch's AveragedModel over the generator's parameters and buffers (BatchNorm's running statistics, which
+    sampling in eval mode reads), with the warm-up decay min(decay, (1 + n) / (10 + n)) of FedDM's EMA: the first
+    steps' generators, far from trained, are forgotten quickly. The first update copies the generator."""
+
+    def average(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        return d * avg + (1 - d) * new
+
+    return AveragedModel(g, avg_fn=average, use_buffers=True)
+
+
 class PGA:
     """PGA's coordinator: `pga.steps_per_round` generator steps per round, each one message to every party."""
-
-    weights = "raw"  # PGA keeps no weight average: the generator samples with its own weights
 
     def __init__(self, ctx: RoundContext):
         cfg, fed = ctx.cfg, ctx.fed
         self.ctx, self.cfg = ctx, cfg
         self.g = new_generator(cfg, fed.image_shape, fed.num_classes, ctx.device)
         self.opt = torch.optim.Adam(self.g.parameters(), lr=cfg.pga.lr_generator, betas=BETAS)
+        self.ema = generator_average(self.g, cfg.pga.ema_decay) if cfg.pga.ema_decay > 0 else None
         self.parties = [s.silo for s in fed.silos]
         self.privacy = RunPrivacy(cfg, None, sum(p.numel() for p in self.g.parameters()))  # no client-dp in PGA
 
@@ -52,14 +64,27 @@ class PGA:
     def network(self) -> torch.nn.Module:
         return self.g
 
+    @property
+    def weights(self) -> str:
+        """"ema" where the run keeps an average of the generator (pga.ema_decay), else "raw"."""
+        return "raw" if self.ema is None else "ema"
+
     def checkpoint(self, rounds_done: int, meta: dict) -> Checkpoint:
         state: State = {k: v.detach().clone() for k, v in self.g.state_dict().items()}
-        return Checkpoint(rounds_done, state, self.opt.state_dict(), meta)
+        ema = None
+        if self.ema is not None:
+            ema = ({k: v.detach().clone() for k, v in self.ema.module.state_dict().items()},
+                   int(self.ema.n_averaged))
+        return Checkpoint(rounds_done, state, self.opt.state_dict(), meta, ema)
 
     def restore(self, ckpt: Checkpoint) -> None:
         self.g.load_state_dict(ckpt.global_state)
         if ckpt.optimizer_state is not None:
             self.opt.load_state_dict(ckpt.optimizer_state)
+        if self.ema is not None and ckpt.ema is not None:
+            state, updates = ckpt.ema
+            self.ema.module.load_state_dict(state)
+            self.ema.n_averaged.fill_(updates)
 
     def _non_finite(self, r: int, s: int, what: str) -> TrainingAborted:
         return TrainingAborted(f"round {r + 1} aborted at generator step {s + 1}: {what}. Nothing was written for "
@@ -67,7 +92,7 @@ class PGA:
                                "pga.lr_generator / pga.lr_discriminator or check the data.")
 
     def sampler(self) -> GANSampler:
-        return GANSampler(self.g)
+        return GANSampler(self.g if self.ema is None else self.ema.module)
 
     def summary(self, record: dict) -> str:
         g, rho = record["g_representative_mean"], record["rho_mean"]
@@ -174,4 +199,6 @@ class PGA:
         self.opt.zero_grad(set_to_none=True)
         fake2.backward((rho * grad).to(device))
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.g)
         return result | {"rho": rho, "g_representative": g_rep, "skipped": None}
