@@ -34,6 +34,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fmnist-5-no-noise": ("pga-fmnist-5-quick", ["pga.noise_ratio=0"]),
     # the centralized twin at the same generator steps and batch: one party holding all the data, one DCGAN
     # discriminator, the generator updated from its gradient alone (what the protocol is measured against)
+    "fmnist-5-acgan": ("pga-fmnist-5-quick", ["pga.loss=acgan"]),
+    "fmnist-5-mean-acgan": ("pga-fmnist-5-quick", ["pga.aggregation=mean", "pga.loss=acgan"]),
     "fmnist-central-1500": ("pga-fmnist-1-quick", ["fl.rounds=15", "pga.aggregation=mean"]),
 }
 

@@ -38,11 +38,16 @@ def test_generator_and_every_discriminator_kind(shape):
         layer_kinds = {type(m).__name__ for m in d.modules()}
         assert ("Conv2d" in layer_kinds) == (kind != "mlp")
     assert len(set(sizes.values())) == len(DISCRIMINATORS)  # five different architectures
+    for kind in DISCRIMINATORS:  # the auxiliary-classifier variant: the image alone in, 1 + K logits out
+        d = build_discriminator(kind, shape, 10, auxiliary=True)
+        out = d(x, torch.arange(4))
+        assert out.shape == (4, 11)
+        torch.testing.assert_close(d(x, torch.zeros(4, dtype=torch.long)), out)  # the label is not an input
 
 
-def _party(noise_ratio=0.5, kind="dcgan", n=64):
+def _party(noise_ratio=0.5, kind="dcgan", n=64, loss="gan"):
     cfg = C.load("pga-smoke", overrides=[f"pga.noise_ratio={noise_ratio}", f'pga.discriminators=["{kind}"]',
-                                         "pga.steps_per_round=1000"])
+                                         "pga.steps_per_round=1000", f"pga.loss={loss}"])
     gen = torch.Generator().manual_seed(0)
     data = SiloData(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(10, (n,), generator=gen))
     return cfg, PGASilo(cfg, 0, data, [str(k) for k in range(10)], torch.device("cpu"))
@@ -76,6 +81,36 @@ def test_party_step_is_the_protocol():
     torch.testing.assert_close(reply.arrays["grad"]["fake2"], grad)
     no_grad = party.handle(Request(0, "pga-step", {"batch": batch}, {"round": 0, "step": 1, "want_grad": False}))
     assert no_grad.arrays == {}
+
+
+def test_acgan_party_step_adds_the_auxiliary_classifier():
+    """With pga.loss=acgan: d_i = BCE(D(fake1)[0], 0) (no classification of fakes); g_i = BCE(D'(fake2)[0], 1) +
+    CE(D'(fake2)[1:], labels2); the discriminator's step also trains the classifier on the real batch."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    ce = torch.nn.functional.cross_entropy
+    _, party = _party(noise_ratio=0.0, loss="acgan")
+    batch = _batch()
+    party.d.train()
+    with torch.no_grad():
+        d_expected = float(bce(party.d(batch["fake1"], batch["labels1"])[:, 0], torch.zeros(16)))
+    reply = party.handle(Request(0, "pga-step", {"batch": batch}, {"round": 0, "step": 0, "want_grad": True}))
+    assert reply.config["d"] == pytest.approx(d_expected, rel=1e-6)
+    fake2 = batch["fake2"].clone().requires_grad_(True)
+    out = party.d(fake2, batch["labels2"])
+    adversarial, classification = bce(out[:, 0], torch.ones(16)), ce(out[:, 1:], batch["labels2"])
+    (grad,) = torch.autograd.grad(adversarial + classification, fake2)
+    assert reply.config["g"] == pytest.approx(float(adversarial + classification), rel=1e-6)
+    assert float(classification) > 0.1  # the classifier's term is a real part of g_i
+    torch.testing.assert_close(reply.arrays["grad"]["fake2"], grad)
+    def classifier_loss():  # the auxiliary classifier on the party's own real images
+        party.d.eval()
+        with torch.no_grad():
+            return float(ce(party.d(party.data.images, party.data.labels)[:, 1:], party.data.labels))
+
+    before = classifier_loss()
+    for step in range(1, 30):
+        party.handle(Request(0, "pga-step", {"batch": batch}, {"round": 0, "step": step, "want_grad": False}))
+    assert classifier_loss() < 0.8 * before  # the discriminator's steps train the classifier on real labels
 
 
 def test_party_loss_noise_has_sd_ratio_times_d():

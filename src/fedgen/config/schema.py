@@ -197,6 +197,11 @@ class PGAConfig(_Section):
     width: int = Field(64, ge=4, description="generator base width")
     lr_generator: float = Field(2e-4, gt=0)
     lr_discriminator: float = Field(2e-4, gt=0)
+    loss: Literal["gan", "acgan"] = Field(
+        "gan", description="gan: each discriminator sees image and label, non-saturating BCE (the paper); acgan: "
+        "each discriminator sees the image alone and also classifies it (an auxiliary classifier trained on the "
+        "party's real images; Odena et al. 2017), and g_i adds that classifier's cross-entropy on the fakes' labels"
+    )
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator's weights (and BatchNorm "
                              "statistics), updated after every generator step with decay min(ema_decay, (1+n)/(10+n)) "
                              "at step n; sample/evaluate use it (--raw: the generator itself); 0: off (the paper)")

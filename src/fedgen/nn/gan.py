@@ -89,12 +89,16 @@ def _label_planes(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> to
 
 
 class _ConvD(nn.Module):
-    def __init__(self, body: nn.Module, num_classes: int):
+    """A convolutional body on the image with the label as one-hot planes (`conditional`), or on the image alone
+    (the auxiliary-classifier discriminator, whose body ends in 1 + K outputs)."""
+
+    def __init__(self, body: nn.Module, num_classes: int, conditional: bool = True):
         super().__init__()
-        self.body, self.num_classes = body, num_classes
+        self.body, self.num_classes, self.conditional = body, num_classes, conditional
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.body(_label_planes(x, labels, self.num_classes)).view(-1)
+        out = self.body(_label_planes(x, labels, self.num_classes) if self.conditional else x)
+        return out.view(-1) if out.shape[1] == 1 else out
 
 
 class _Residual(nn.Module):
@@ -110,32 +114,38 @@ class _Residual(nn.Module):
 
 
 class _MLPD(nn.Module):
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 512):
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 512,
+                 auxiliary: bool = False):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.conditional = num_classes, not auxiliary
         d = image_shape[0] * image_shape[1] * image_shape[2]
-        self.body = nn.Sequential(nn.Linear(d + num_classes, width), nn.LeakyReLU(0.2, True),
-                                  nn.Linear(width, width // 2), nn.LeakyReLU(0.2, True), nn.Linear(width // 2, 1))
+        self.body = nn.Sequential(nn.Linear(d + (0 if auxiliary else num_classes), width), nn.LeakyReLU(0.2, True),
+                                  nn.Linear(width, width // 2), nn.LeakyReLU(0.2, True),
+                                  nn.Linear(width // 2, 1 + (num_classes if auxiliary else 0)))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.conditional:
+            return self.body(x.flatten(1))
         onehot = nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
         return self.body(torch.cat([x.flatten(1), onehot], 1)).view(-1)
 
 
-def _dcgan(c: int, k: int, width: int, norm: str | None) -> nn.Module:
+def _dcgan(c: int, k: int, width: int, norm: str | None, out: int = 1) -> nn.Module:
     def block(cin: int, cout: int, norm: str | None) -> list[nn.Module]:
         layer = {"batch": lambda: nn.BatchNorm2d(cout), "group": lambda: nn.GroupNorm(min(32, cout // 4), cout)}
         return [nn.Conv2d(cin, cout, 4, 2, 1), *([layer[norm]()] if norm else []), nn.LeakyReLU(0.2, True)]
 
     return nn.Sequential(*block(c + k, width, None), *block(width, 2 * width, norm), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(2 * width, 1))
+                         nn.Flatten(), nn.Linear(2 * width, out))
 
 
 def build_discriminator(kind: str, image_shape: tuple[int, int, int], num_classes: int,
-                        private: bool = False) -> nn.Module:
-    """One discriminator of the zoo, outputting one logit per image. `private`: the DP-SGD variant (BatchNorm,
-    which mixes the records of a batch and so has no per-sample gradient, replaced by GroupNorm)."""
-    model = _build(kind, image_shape, num_classes, private)
+                        private: bool = False, auxiliary: bool = False) -> nn.Module:
+    """One discriminator of the zoo, outputting one logit per image given the image and its label. `private`: the
+    DP-SGD variant (BatchNorm, which mixes the records of a batch and so has no per-sample gradient, replaced by
+    GroupNorm). `auxiliary` (AC-GAN, Odena et al. 2017): the network sees the image alone and outputs 1 + K
+    logits per image, real-vs-fake then one per class (the label is ignored)."""
+    model = _build(kind, image_shape, num_classes, private, auxiliary)
     if private:  # Opacus's backward hooks cannot see through in-place activations
         for module in model.modules():
             if hasattr(module, "inplace"):
@@ -143,18 +153,20 @@ def build_discriminator(kind: str, image_shape: tuple[int, int, int], num_classe
     return model
 
 
-def _build(kind: str, image_shape: tuple[int, int, int], num_classes: int, private: bool) -> nn.Module:
+def _build(kind: str, image_shape: tuple[int, int, int], num_classes: int, private: bool,
+           auxiliary: bool) -> nn.Module:
     c, k = image_shape[0], num_classes
+    planes, out = (0, 1 + k) if auxiliary else (k, 1)  # label planes in, logits out
     if kind == "dcgan":
-        return _ConvD(_dcgan(c, k, 64, "group" if private else "batch"), k)
+        return _ConvD(_dcgan(c, planes, 64, "group" if private else "batch", out), k, not auxiliary)
     if kind == "tiny":
-        return _ConvD(_dcgan(c, k, 16, None), k)
+        return _ConvD(_dcgan(c, planes, 16, None, out), k, not auxiliary)
     if kind == "resnet":
-        return _ConvD(nn.Sequential(_Residual(c + k, 32), _Residual(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                    nn.Linear(64, 1)), k)
+        return _ConvD(nn.Sequential(_Residual(c + planes, 32), _Residual(32, 64), nn.AdaptiveAvgPool2d(1),
+                                    nn.Flatten(), nn.Linear(64, out)), k, not auxiliary)
     if kind == "wide":
-        return _ConvD(nn.Sequential(nn.Conv2d(c + k, 128, 5, 2, 2), nn.LeakyReLU(0.2, True), nn.AdaptiveMaxPool2d(1),
-                                    nn.Flatten(), nn.Linear(128, 1)), k)
+        return _ConvD(nn.Sequential(nn.Conv2d(c + planes, 128, 5, 2, 2), nn.LeakyReLU(0.2, True),
+                                    nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(128, out)), k, not auxiliary)
     if kind == "mlp":
-        return _MLPD(image_shape, k)
+        return _MLPD(image_shape, k, auxiliary=auxiliary)
     raise UsageError(f"unknown discriminator {kind!r}; expected one of {', '.join(DISCRIMINATORS)}")

@@ -1,8 +1,10 @@
 """A PGA party: it keeps its real data and its own discriminator (of its own architecture) and answers one
 request per generator step (docs/DESIGN.md, PGA):
 
-1. one discriminator step (BCE, Adam) on (a real batch of its own, fake batch 1); d_i = its loss on fake batch 1;
-2. g_i = BCE(D_i(fake batch 2), 1) with the updated discriminator, and the noised g_i + N(0, (ratio * d_i)^2);
+1. one discriminator step (BCE, Adam; with `pga.loss = "acgan"` also the auxiliary classifier's cross-entropy on the
+   real batch) on (a real batch of its own, fake batch 1); d_i = its loss on fake batch 1;
+2. g_i = BCE(D_i(fake batch 2), 1) (plus, with acgan, the classifier's cross-entropy on the labels of fake batch 2)
+   with the updated discriminator, and the noised g_i + N(0, (ratio * d_i)^2);
 3. where asked (the step's representative, or every party in `mean` mode), dg_i/d(fake batch 2).
 
 It never receives the generator's weights and never sends its discriminator's. The discriminator and its
@@ -59,10 +61,27 @@ class PGASilo:
     def private(self) -> bool:
         return self.cfg.privacy.mode == "dp-sgd"
 
+    @property
+    def auxiliary(self) -> bool:
+        return self.cfg.pga.loss == "acgan"
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor, real: bool, classify: bool,
+              reduction: str = "mean") -> torch.Tensor:
+        """The discriminator's loss on `x` labelled real (1) or fake (0), plus, with the auxiliary classifier
+        (pga.loss = "acgan") and `classify`, its cross-entropy against `labels`; per row with reduction="none"."""
+        out = self.d(x, labels)
+        logit = out[:, 0] if self.auxiliary else out
+        target = torch.full((len(x),), float(real), device=self.device)
+        loss = nn.functional.binary_cross_entropy_with_logits(logit, target, reduction=reduction)
+        if self.auxiliary and classify:
+            loss = loss + nn.functional.cross_entropy(out[:, 1:], labels, reduction=reduction)
+        return loss
+
     def _fresh(self) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.train.seed, "pga-init-d", self.silo))
-            self.d = build_discriminator(self.kind, self.image_shape, len(self.classes), self.private).to(self.device)
+            self.d = build_discriminator(self.kind, self.image_shape, len(self.classes), self.private,
+                                         auxiliary=self.auxiliary).to(self.device)
         self.opt = torch.optim.Adam(self.d.parameters(), lr=self.cfg.pga.lr_discriminator, betas=BETAS)
         self.dp, self.account, self.secret = None, None, None
         if self.private:  # DP-SGD on the discriminator; the account and the noise generator are set per step
@@ -138,7 +157,6 @@ class PGASilo:
         batch = request.arrays["batch"]
         fake1, labels1 = batch["fake1"].to(self.device), batch["labels1"].to(self.device)
         fake2, labels2 = batch["fake2"].to(self.device), batch["labels2"].to(self.device)
-        bce = nn.functional.binary_cross_entropy_with_logits
         self.d.train()
         if self.private:
             gen, d_i = self._private_d_step(round_idx, step, fake1, labels1)
@@ -147,8 +165,8 @@ class PGASilo:
             gen = generator(cfg.train.seed, "pga-party", round_idx, step, self.silo)
             idx = torch.randint(len(self.data), (len(fake1),), generator=gen)
             real, real_labels = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
-            real_loss = bce(self.d(real, real_labels), torch.ones(len(real), device=self.device))
-            fake_loss = bce(self.d(fake1, labels1), torch.zeros(len(fake1), device=self.device))
+            real_loss = self._loss(real, real_labels, real=True, classify=True)
+            fake_loss = self._loss(fake1, labels1, real=False, classify=False)
             self.opt.zero_grad(set_to_none=True)
             (real_loss + fake_loss).backward()
             self.opt.step()
@@ -157,7 +175,7 @@ class PGASilo:
         if self.dp is not None:  # the feedback is post-processing of the DP discriminator: no per-sample work
             self.dp.module.disable_hooks()
         try:
-            g = bce(self.d(fake2, labels2), torch.ones(len(fake2), device=self.device))
+            g = self._loss(fake2, labels2, real=True, classify=True)
             arrays = {}
             if c.get("want_grad"):
                 (grad,) = torch.autograd.grad(g, fake2)
@@ -184,8 +202,13 @@ class PGASilo:
         idx = poisson_batch(len(self.data), self.account.sample_rate, gen)
         x = torch.cat([self.data.images[idx].to(self.device), fake1])
         labels = torch.cat([self.data.labels[idx].to(self.device), labels1])
+        out = self.d(x, labels)
+        logit = out[:, 0] if self.auxiliary else out
         target = torch.cat([torch.ones(len(idx), device=self.device), torch.zeros(len(fake1), device=self.device)])
-        rows = nn.functional.binary_cross_entropy_with_logits(self.d(x, labels), target, reduction="none")
+        rows = nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
+        if self.auxiliary:  # the classifier learns from the real rows only (each row's loss is clipped whole)
+            ce = nn.functional.cross_entropy(out[:, 1:], labels, reduction="none")
+            rows = rows + torch.where(target > 0, ce, torch.zeros_like(ce))
         self.dp.use(self.account, gen)
         self.dp.step(rows, len(rows))  # the account's steps advance with it (the optimiser's step hook)
         return gen, float(rows[len(idx):].mean().detach())
