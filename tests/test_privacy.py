@@ -291,9 +291,10 @@ def test_a_killed_dp_round_is_redone_with_the_same_noise(tmp_path, monkeypatch):
     assert _reports(again)[-1] == _reports(out)[-1]
 
 
-def test_pga_with_dp_discriminators(tmp_path):
+@pytest.mark.parametrize("loss", ["gan", "acgan"])
+def test_pga_with_dp_discriminators(tmp_path, loss):
     out = tmp_path / "pga"
-    train(C.load("pga-smoke", overrides=[*DP, "privacy.target_epsilon=5"]), out, QUIET)
+    train(C.load("pga-smoke", overrides=[*DP, "privacy.target_epsilon=5", f"pga.loss={loss}"]), out, QUIET)
     entry = _reports(out)[-1]
     assert set(entry["parties"]) == {"0", "1", "2"} and entry["pga_loss_noise"].endswith("no formal guarantee")
     for rep in entry["parties"].values():
