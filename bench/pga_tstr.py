@@ -4,10 +4,12 @@ local CNN and the all-data CNN, for several presets and variants.
     .venv/bin/python bench/pga_tstr.py [--variants fmnist-1,fmnist-5,...] [--out bench/results/pga_tstr.json]
 
 A variant is a preset plus `--set` overrides (see VARIANTS). Each is trained with `fedgen train` into
-bench/results/pga/<name> (a run cut short resumes, bit-identically; `--fresh` starts over), then `fedgen evaluate --tstr` (as many synthetic images as the real training
-set, with its class counts; each silo's CNN on its own shard; the CNN on all real data; domain FID). Prints a
-table, writes JSON; a run with `pga.ema_decay` is evaluated with the average and with the raw generator. The paper (Fashion-MNIST, its own networks, an unstated budget): TSTR 90.16 / 88.54 / 86.87%
-for 1 / 5 / 10 parties, local CNN 92.40 / 88.26 / 86.63%.
+bench/results/pga/<name> (a run cut short resumes, bit-identically; `--fresh` starts over), then
+`fedgen evaluate --tstr` (as many synthetic images as the real training set, with its class counts; each silo's
+CNN on its own shard; the CNN on all real data; domain FID). Prints a table, writes JSON; a run with
+`pga.ema_decay` is evaluated with the average and with the raw generator. The paper (Fashion-MNIST, its own
+networks, an unstated budget): TSTR 90.16 / 88.54 / 86.87% for 1 / 5 / 10 parties, local CNN 92.40 / 88.26 /
+86.63%.
 """
 
 from __future__ import annotations
