@@ -33,10 +33,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fmnist-5-mean": ("pga-fmnist-5-quick", ["pga.aggregation=mean"]),
     "fmnist-5-literal": ("pga-fmnist-5-quick", ["pga.aggregation=literal"]),
     "fmnist-5-no-noise": ("pga-fmnist-5-quick", ["pga.noise_ratio=0"]),
-    # the centralized twin at the same generator steps and batch: one party holding all the data, one DCGAN
-    # discriminator, the generator updated from its gradient alone (what the protocol is measured against)
     "fmnist-5-acgan": ("pga-fmnist-5-quick", ["pga.loss=acgan"]),
     "fmnist-5-mean-acgan": ("pga-fmnist-5-quick", ["pga.aggregation=mean", "pga.loss=acgan"]),
+    # the centralized twin at the same generator steps and batch: one party holding all the data, one DCGAN
+    # discriminator, the generator updated from its gradient alone (what the protocol is measured against)
     "fmnist-central-1500": ("pga-fmnist-1-quick", ["fl.rounds=15", "pga.aggregation=mean"]),
 }
 
@@ -91,7 +91,7 @@ def main() -> None:
             rows.append({"variant": name if weights == "raw" or not with_ema else f"{name}+ema", "preset": preset,
                          "overrides": overrides + args.set, "weights": weights, "generator_steps": steps,
                          "train_s": round(train_s, 1),
-                         "steps_per_s": round(steps / sum(r["train_time_s"] for r in rounds), 2),
+                         "steps_per_s": round(steps / train_s, 2),
                          "tstr_accuracy": ev["tstr_accuracy"],
                          "local_real_accuracy_mean": ev["local_real_accuracy_mean"],
                          "local_real_accuracy": ev["local_real_accuracy"],

@@ -65,16 +65,19 @@ class PGASilo:
     def auxiliary(self) -> bool:
         return self.cfg.pga.loss == "acgan"
 
-    def _loss(self, x: torch.Tensor, labels: torch.Tensor, real: bool, classify: bool,
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor, real: bool | torch.Tensor, classify: bool | torch.Tensor,
               reduction: str = "mean") -> torch.Tensor:
         """The discriminator's loss on `x` labelled real (1) or fake (0), plus, with the auxiliary classifier
-        (pga.loss = "acgan") and `classify`, its cross-entropy against `labels`; per row with reduction="none"."""
+        (pga.loss = "acgan") where `classify`, its cross-entropy against `labels`. `real` and `classify` are one
+        value for the batch or one per row; per row with reduction="none"."""
         out = self.d(x, labels)
         logit = out[:, 0] if self.auxiliary else out
-        target = torch.full((len(x),), float(real), device=self.device)
+        target = torch.as_tensor(real, dtype=logit.dtype, device=self.device).expand(len(x))
         loss = nn.functional.binary_cross_entropy_with_logits(logit, target, reduction=reduction)
-        if self.auxiliary and classify:
-            loss = loss + nn.functional.cross_entropy(out[:, 1:], labels, reduction=reduction)
+        if self.auxiliary:
+            ce = nn.functional.cross_entropy(out[:, 1:], labels, reduction="none")
+            ce = torch.where(torch.as_tensor(classify, device=self.device), ce, torch.zeros_like(ce))
+            loss = loss + (ce.mean() if reduction == "mean" else ce)
         return loss
 
     def _fresh(self) -> None:
@@ -202,13 +205,9 @@ class PGASilo:
         idx = poisson_batch(len(self.data), self.account.sample_rate, gen)
         x = torch.cat([self.data.images[idx].to(self.device), fake1])
         labels = torch.cat([self.data.labels[idx].to(self.device), labels1])
-        out = self.d(x, labels)
-        logit = out[:, 0] if self.auxiliary else out
-        target = torch.cat([torch.ones(len(idx), device=self.device), torch.zeros(len(fake1), device=self.device)])
-        rows = nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
-        if self.auxiliary:  # the classifier learns from the real rows only (each row's loss is clipped whole)
-            ce = nn.functional.cross_entropy(out[:, 1:], labels, reduction="none")
-            rows = rows + torch.where(target > 0, ce, torch.zeros_like(ce))
+        real = torch.arange(len(x), device=self.device) < len(idx)
+        # the classifier learns from the real rows only; each row's loss (BCE, plus CE with acgan) is clipped whole
+        rows = self._loss(x, labels, real=real, classify=real, reduction="none")
         self.dp.use(self.account, gen)
         self.dp.step(rows, len(rows))  # the account's steps advance with it (the optimiser's step hook)
         return gen, float(rows[len(idx):].mean().detach())
