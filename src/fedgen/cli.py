@@ -88,9 +88,17 @@ def train(
                                                                  overrides))
             origin = f"the config of {out}"
         else:
-            base = preset or config_mod.DEFAULT_PRESET
-            cfg = config_mod.load(base, config, overrides)
-            origin = f"preset {base}" + ("" if preset else " (the default job)") + (f" + {config}" if config else "")
+            keys = {o.split("=", 1)[0].strip() for o in overrides}
+            budget_only = preset is None and config is None and "privacy.mode" not in keys and \
+                bool(keys & {"privacy.target_epsilon", "privacy.noise_multiplier"})
+            # a privacy budget and nothing else: the measured DP recipe, not the (non-private) default job
+            base = preset or (config_mod.DP_RECIPE if budget_only else config_mod.DEFAULT_PRESET)
+            notes: list[str] = []
+            cfg = config_mod.load(base, config, overrides, notes)
+            origin = f"preset {base}" + ("" if preset else " (the DP recipe: a privacy budget without a preset)"
+                                         if budget_only else " (the default job)") + (f" + {config}" if config else "")
+            for note in notes:
+                console.print(f"note: {note}", highlight=False)
         if overrides:
             origin += " + " + " ".join(f"--set {o}" for o in overrides)
         console.print(f"config: {origin}", highlight=False)

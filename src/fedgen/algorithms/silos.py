@@ -1,4 +1,4 @@
-"""The silo side of both algorithms behind one door: the workers a runtime builds where the data is (the in-process
+"""The silo side of every algorithm behind one door: the workers a runtime builds where the data is (the in-process
 pool, a Flower ClientApp), and the network a run trains. It imports no coordinating side: a ClientApp process
 (one per message on a deployed SuperNode) loads only what a silo runs."""
 
@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from fedgen.algorithms.feddm.silo import FedDMSilo
+from fedgen.algorithms.merf.silo import MERFSilo
 from fedgen.algorithms.pga.silo import PGASilo
 from fedgen.config import Config
 from fedgen.core.records import Worker
@@ -27,6 +28,8 @@ def make_workers(cfg: Config, silos: dict[int, SiloData], classes: list[str], de
     if cfg.algorithm == "pga":
         return {s: PGASilo(cfg, s, data, classes, device, store(s), persist_each_step=across_processes)
                 for s, data in silos.items()}
+    if cfg.algorithm == "merf":
+        return {s: MERFSilo(cfg, s, data, classes, device, store(s)) for s, data in silos.items()}
     if not silos:
         return {}
     shape = tuple(next(iter(silos.values())).images.shape[1:])
@@ -36,7 +39,8 @@ def make_workers(cfg: Config, silos: dict[int, SiloData], classes: list[str], de
 
 def new_network(cfg: Config, image_shape: tuple[int, int, int], num_classes: int,
                 device: torch.device) -> torch.nn.Module:
-    """The network a run of `cfg` trains (the U-Net or PGA's generator), freshly initialised from its seed."""
-    if cfg.algorithm == "pga":
+    """The network a run of `cfg` trains (the U-Net, or the generator of PGA and DP-MERF), freshly initialised from
+    its seed."""
+    if cfg.trains_generator:
         return new_generator(cfg, image_shape, num_classes, device)
     return new_unet(cfg, image_shape, num_classes, device)

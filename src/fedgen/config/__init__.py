@@ -2,11 +2,13 @@
 (presets.py), and resolving, saving and comparing configs (loading.py)."""
 
 from fedgen.config.loading import (
+    DP_RECIPE,
     apply_overrides,
     diff,
     flatten,
     load,
     preset,
+    privacy_defaults,
     read,
     save,
     to_dict,
@@ -22,6 +24,7 @@ from fedgen.config.schema import (
     EvalConfig,
     FLConfig,
     LogConfig,
+    MERFConfig,
     ModelConfig,
     PGAConfig,
     PrivacyConfig,
@@ -31,8 +34,8 @@ from fedgen.config.schema import (
 )
 
 __all__ = [
-    "DEFAULT_PRESET", "PRESETS", "RESUMABLE_CHANGES", "Config", "ConfigError", "DataConfig", "DiffusionConfig",
-    "EvalConfig", "FLConfig", "LogConfig", "ModelConfig", "PGAConfig", "PrivacyConfig", "RuntimeConfig",
-    "TrainConfig", "apply_overrides", "diff", "flatten", "ignored_settings", "load", "preset", "read", "save",
-    "to_dict", "validate",
+    "DEFAULT_PRESET", "DP_RECIPE", "PRESETS", "RESUMABLE_CHANGES", "Config", "ConfigError", "DataConfig",
+    "DiffusionConfig", "EvalConfig", "FLConfig", "LogConfig", "MERFConfig", "ModelConfig", "PGAConfig",
+    "PrivacyConfig", "RuntimeConfig", "TrainConfig", "apply_overrides", "diff", "flatten", "ignored_settings", "load",
+    "preset", "privacy_defaults", "read", "save", "to_dict", "validate",
 ]

@@ -7,7 +7,7 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
@@ -24,17 +24,26 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _is_text_field(parts: list[str]) -> bool:
-    """Whether the config key `parts` (e.g. ["data", "path"]) holds text: `--set data.path=2024` is the string
-    "2024", not a number."""
+def _annotation(parts: list[str]) -> Any:
+    """The type of the config key `parts` (e.g. ["data", "path"]), or None for an unknown key."""
     model: Any = Config
     for part in parts[:-1]:
         info = getattr(model, "model_fields", {}).get(part)
         if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
-            return False
+            return None
         model = info.annotation
     info = getattr(model, "model_fields", {}).get(parts[-1])
-    return info is not None and info.annotation in (str, str | None)
+    return None if info is None else info.annotation
+
+
+def _is_text_field(parts: list[str]) -> bool:
+    """Whether the config key `parts` holds text: `--set data.path=2024` is the string "2024", not a number."""
+    return _annotation(parts) in (str, str | None)
+
+
+def _none_is_a_choice(parts: list[str]) -> bool:
+    """Whether "none" is one of the key's named choices (privacy.mode=none) rather than "no value"."""
+    return "none" in get_args(_annotation(parts))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -50,7 +59,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
         text = value.strip()
-        if text.lower() == "none":
+        if text.lower() == "none" and not _none_is_a_choice(parts):
             node[parts[-1]] = None
         else:
             node[parts[-1]] = text if _is_text_field(parts) else _parse_value(text)
@@ -77,9 +86,33 @@ def preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(PRESETS[name]) | {"name": name}
 
 
+# The record-level mechanism of each algorithm: what a privacy budget without a privacy mode means
+RECORD_LEVEL_MODES = {"feddm": "dp-sgd", "pga": "dp-sgd", "merf": "dp-release"}
+DP_RECIPE = "dp-fmnist-quick"  # what `fedgen train` builds on when it is given a privacy budget and nothing else
+
+
+def privacy_defaults(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """`raw` with its privacy mode filled in where a budget (privacy.target_epsilon or privacy.noise_multiplier)
+    is set without one: the algorithm's record-level mechanism. Returns the note that says so (None if nothing
+    was filled in)."""
+    privacy = raw.get("privacy") or {}
+    budget = privacy.get("target_epsilon") is not None or privacy.get("noise_multiplier") is not None
+    if not budget or "mode" in privacy:
+        return raw, None
+    algorithm = raw.get("algorithm", "feddm")
+    mode = RECORD_LEVEL_MODES.get(algorithm, "dp-sgd")
+    raw = copy.deepcopy(raw)
+    raw["privacy"]["mode"] = mode
+    note = f"a privacy budget without privacy.mode: record-level {mode} (algorithm={algorithm})"
+    if algorithm != "merf":
+        note += f"; the measured DP recipe is --preset {DP_RECIPE} (docs/PERFORMANCE.md)"
+    return raw, note
+
+
 def load(preset_name: str | None = None, config_path: Path | None = None,
-         overrides: list[str] | None = None) -> Config:
-    """Resolve a config: preset (or defaults), then a TOML file, then `--set` overrides."""
+         overrides: list[str] | None = None, notes: list[str] | None = None) -> Config:
+    """Resolve a config: preset (or defaults), then a TOML file, then `--set` overrides. A privacy budget without
+    a mode gets the algorithm's record-level mode (privacy_defaults), with a line in `notes`."""
     raw: dict[str, Any] = preset(preset_name) if preset_name else {}
     if config_path is not None:
         try:
@@ -88,7 +121,10 @@ def load(preset_name: str | None = None, config_path: Path | None = None,
             raise ConfigError(f"config file {config_path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
-    return validate(apply_overrides(raw, overrides or []))
+    raw, note = privacy_defaults(apply_overrides(raw, overrides or []))
+    if note is not None and notes is not None:
+        notes.append(note)
+    return validate(raw)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

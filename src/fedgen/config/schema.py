@@ -207,6 +207,22 @@ class PGAConfig(_Section):
                              "at step n; sample/evaluate use it (--raw: the generator itself); 0: off (the paper)")
 
 
+class MERFConfig(_Section):
+    """DP-MERF (Harder et al. 2021; docs/DESIGN.md): each silo releases its class-conditional sum of random Fourier
+    features once; the coordinator trains the generator to match their sum. A round is `steps_per_round`
+    generator steps at the coordinator (no messages after the first)."""
+
+    features: int = Field(10000, ge=2, description="random Fourier features (even): more approximate the Gaussian "
+                          "kernel better, at a cost per generator step")
+    bandwidth: float = Field(0.8, gt=0, description="the kernel's length scale per sqrt(pixel values): "
+                             "l = bandwidth * sqrt(C*H*W) on images in [-1, 1] (0.8: the median distance between "
+                             "Fashion-MNIST training images, 23.0, over sqrt(784))")
+    steps_per_round: int = Field(100, ge=1, description="generator steps per round (checkpoint and log unit)")
+    z_dim: int = Field(100, ge=1)
+    width: int = Field(64, ge=4, description="generator base width")
+    lr: float = Field(1e-3, gt=0, description="the generator's Adam learning rate")
+
+
 class RuntimeConfig(_Section):
     """Where clients run. None of it changes what a run computes, so it may change on an existing run."""
 
@@ -224,9 +240,10 @@ class PrivacyConfig(_Section):
     """Formal differential privacy (docs/DESIGN.md, Privacy). The noise multiplier is solved from
     `target_epsilon` over the whole run, or given as `noise_multiplier`."""
 
-    mode: Literal["none", "dp-sgd", "client-dp"] = Field(
+    mode: Literal["none", "dp-sgd", "client-dp", "dp-release"] = Field(
         "none", description="none: no formal guarantee; dp-sgd: record-level DP-SGD (Opacus) in every silo; "
-        "client-dp: client-level DP-FedAvg (clipped updates, Gaussian noise at the server)"
+        "client-dp: client-level DP-FedAvg (clipped updates, Gaussian noise at the server); dp-release: "
+        "record-level, algorithm=merf: each silo noises its one release (the Gaussian mechanism)"
     )
     target_epsilon: float | None = Field(None, gt=0, description="epsilon to reach at the end of fl.rounds")
     noise_multiplier: float | None = Field(None, gt=0, description="sigma, instead of target_epsilon")
@@ -248,8 +265,9 @@ class PrivacyConfig(_Section):
 class Config(_Section):
     name: str = "fedgen"
     description: str = ""
-    algorithm: Literal["feddm", "pga"] = Field("feddm", description="feddm: federated diffusion (FedAvg of a "
-                                               "DDPM); pga: private generator aggregation (a GAN)")
+    algorithm: Literal["feddm", "pga", "merf"] = Field(
+        "feddm", description="feddm: federated diffusion (FedAvg of a DDPM); pga: private generator aggregation (a "
+        "GAN); merf: DP-MERF, a generator matched to the silos' one-shot random-feature embeddings")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -258,12 +276,20 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
     pga: PGAConfig = PGAConfig()
+    merf: MERFConfig = MERFConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> Config:
-        if self.privacy.mode != "client-dp":
+        mode = self.privacy.mode
+        if self.algorithm == "merf" and mode in ("dp-sgd", "client-dp"):
+            raise ValueError(f"privacy.mode={mode}: DP-MERF trains nothing at the silos; each releases its "
+                             "embedding once (use privacy.mode=dp-release)")
+        if mode == "dp-release" and self.algorithm != "merf":
+            raise ValueError(f"privacy.mode=dp-release is DP-MERF's one-shot release (algorithm=merf); "
+                             f"algorithm={self.algorithm} trains at the silos: use dp-sgd")
+        if mode != "client-dp":
             return self
         if self.algorithm == "pga":
             raise ValueError("privacy.mode=client-dp clips and noises weight updates; PGA sends none (use dp-sgd)")
@@ -278,9 +304,9 @@ class Config(_Section):
         strategy = self.fl.strategy
         if strategy == "fedavg":
             return self
-        if self.algorithm == "pga":
-            raise ValueError(f"fl.strategy={strategy} changes how weights are averaged or trained locally; PGA "
-                             "averages no weights (leave fl.strategy=fedavg)")
+        if self.trains_generator:
+            raise ValueError(f"fl.strategy={strategy} changes how weights are averaged or trained locally; "
+                             f"algorithm={self.algorithm} averages no weights (leave fl.strategy=fedavg)")
         if self.fl.centralized:
             raise ValueError(f"fl.strategy={strategy}: the centralized baseline has one client and no aggregation "
                              "(leave fl.strategy=fedavg)")
@@ -298,6 +324,24 @@ class Config(_Section):
         problems = [f"  {key}: {why}" for key, why in ignored_settings(self)]
         if problems:
             raise ValueError("settings this run would ignore:\n" + "\n".join(problems))
+        return self
+
+    @property
+    def trains_generator(self) -> bool:
+        """PGA and DP-MERF train a GAN generator (nn/gan.py); FedDM a diffusion U-Net."""
+        return self.algorithm in ("pga", "merf")
+
+    @model_validator(mode="after")
+    def _merf_fits(self) -> Config:
+        if self.algorithm != "merf":
+            return self
+        if self.merf.features % 2:
+            raise ValueError(f"merf.features={self.merf.features}: must be even (a cosine and a sine per frequency)")
+        if self.fl.centralized:
+            raise ValueError("fl.centralized is a FedDM baseline; DP-MERF's sum over silos is already the "
+                             "centralized embedding")
+        if self.fl.clients_per_round not in (None, self.fl.clients):
+            raise ValueError("merf: every silo releases once, in round 1 (leave fl.clients_per_round unset)")
         return self
 
     @model_validator(mode="after")
@@ -342,15 +386,23 @@ def ignored_settings(cfg: Config) -> list[tuple[str, str]]:
     if p.mode == "none":
         for name in _changed(p, "target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "accountant",
                              "noise_multiplicity"):
-            out.append((f"privacy.{name}", "used only with a privacy mode: set privacy.mode=dp-sgd (record-level, "
-                                           "in each silo) or privacy.mode=client-dp"))
-    elif _changed(p, "noise_multiplicity") and (p.mode == "client-dp" or cfg.algorithm == "pga"):
-        out.append(("privacy.noise_multiplicity", "used only by FedDM with privacy.mode=dp-sgd"))
-    if cfg.algorithm == "feddm":
-        out += [(f"pga.{name}", "used only by algorithm=pga") for name in _changed(cfg.pga)]
+            out.append((f"privacy.{name}", "used only with a privacy mode: set privacy.mode=dp-release (DP-MERF's "
+                                           "record-level release)" if cfg.algorithm == "merf" else
+                        "used only with a privacy mode: set privacy.mode=dp-sgd (record-level, in each silo) or "
+                        "privacy.mode=client-dp"))
     else:
+        if _changed(p, "noise_multiplicity") and (p.mode != "dp-sgd" or cfg.algorithm != "feddm"):
+            out.append(("privacy.noise_multiplicity", "used only by FedDM with privacy.mode=dp-sgd"))
+        if _changed(p, "max_grad_norm") and p.mode == "dp-release":
+            out.append(("privacy.max_grad_norm", "dp-release clips nothing: every record's feature row has norm 1 "
+                                                 "(sensitivity 1 by construction)"))
+    for name in ("pga", "merf"):
+        if cfg.algorithm != name:
+            out += [(f"{name}.{key}", f"used only by algorithm={name}") for key in _changed(getattr(cfg, name))]
+    if cfg.trains_generator:
         for section, names in _FEDDM_ONLY.items():
-            out += [(f"{section}.{name}", "used only by algorithm=feddm (PGA trains a GAN: see the pga section)")
+            out += [(f"{section}.{name}", f"used only by algorithm=feddm ({cfg.algorithm} trains a GAN generator: "
+                                          f"see the {cfg.algorithm} section)")
                     for name in _changed(getattr(cfg, section), *names)]
     if cfg.train.lr_decay_rounds is None and _changed(cfg.train, "lr_final_ratio"):
         out.append(("train.lr_final_ratio", "the end of a decay: set train.lr_decay_rounds"))

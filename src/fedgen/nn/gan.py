@@ -44,10 +44,11 @@ class ConditionalGenerator(nn.Module):
 
 def new_generator(cfg: Config, image_shape: tuple[int, int, int], num_classes: int,
                   device: torch.device) -> ConditionalGenerator:
-    """The run's generator, initialised from the run seed."""
+    """The run's generator (its shape from the `pga` or `merf` section), initialised from the run seed."""
+    shape = cfg.merf if cfg.algorithm == "merf" else cfg.pga
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.train.seed, "pga-init-g"))
-        return ConditionalGenerator(image_shape, num_classes, cfg.pga.z_dim, cfg.pga.width).to(device)
+        return ConditionalGenerator(image_shape, num_classes, shape.z_dim, shape.width).to(device)
 
 
 

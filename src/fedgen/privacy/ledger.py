@@ -2,6 +2,8 @@
 
 - dp-sgd: each silo keeps its own account (it adds the noise) and reports it with every update; the run's
   record-level epsilon is the largest silo epsilon (the silos hold disjoint records and FedAvg is post-processing).
+- dp-release (DP-MERF): each silo noises its one release (the Gaussian mechanism, sensitivity 1) and reports that
+  account; the run's record-level epsilon is again the largest silo epsilon.
 - client-dp: the coordinator adds the noise, so it keeps the account, in the run directory.
 - none: no formal guarantee, said so.
 """
@@ -96,9 +98,10 @@ class RunPrivacy:
             out |= {"unit": "client", "epsilon": self.server.epsilon(), "server": self.server.report()}
         else:
             eps = [r["epsilon"] for r in self.reports.values()]
-            out |= {"unit": "record", "epsilon": max(eps, default=0.0),
-                    "max_grad_norm": self.privacy.max_grad_norm, "parties": dict(sorted(self.reports.items(),
-                                                                                     key=lambda kv: int(kv[0])))}
+            bound = {"sensitivity": "1 (every record's feature row has norm 1), one release per silo"} \
+                if self.mode == "dp-release" else {"max_grad_norm": self.privacy.max_grad_norm}
+            out |= {"unit": "record", "epsilon": max(eps, default=0.0), **bound,
+                    "parties": dict(sorted(self.reports.items(), key=lambda kv: int(kv[0])))}
         if out["epsilon"] < self.last_epsilon:  # the parties' checks make this unreachable; it guards them
             raise LedgerError(f"the run's epsilon fell from {self.last_epsilon:.4g} to {out['epsilon']:.4g} after "
                               f"round {rounds_done}: refusing to record an under-reported ledger")

@@ -58,7 +58,9 @@ def ledger_lines(entry: dict) -> list[str]:
     how = "the largest silo epsilon: silos hold disjoint records" if entry["unit"] == "record" else \
         "clients sampled K of N per round, analysed as Poisson q=K/N"
     lines = [f"run: {summary(entry)}{target}; {how}"]
-    if entry["unit"] == "record":
+    if "sensitivity" in entry:
+        lines.append(f"Gaussian mechanism, L2 sensitivity {entry['sensitivity']}")
+    elif entry["unit"] == "record":
         lines.append(f"clip C={entry['max_grad_norm']:g} per record")
     if entry.get("pga_loss_noise"):
         lines.append(entry["pga_loss_noise"])

@@ -102,7 +102,7 @@ def audit_run(path: Path, loaded: LoadedModel, *, n: int = 1000, generated: int 
         record["mia_loss_timestep"] = chosen["timestep"]
         record["mia_loss_calibration_auc_by_timestep"] = chosen["calibration_auc_by_timestep"]
         record |= _attack_record("mia_loss", chosen["members"], chosen["others"], seed, privacy)
-    sampler = loaded.sampler() if cfg.algorithm == "pga" else loaded.sampler(cfg.eval.sampler, cfg.eval.steps)
+    sampler = loaded.sampler() if cfg.trains_generator else loaded.sampler(cfg.eval.sampler, cfg.eval.steps)
     labels = labels_like(targets.labels.numpy(), generated, len(loaded.classes))
     fake = generate(sampler, labels, seed + 1, progress, "(audit)")
     record |= {"generated": generated, **sampler.describe()}

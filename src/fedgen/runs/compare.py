@@ -48,6 +48,8 @@ def cumulative_compute(records: list[dict], cfg) -> dict[int, float]:
             continue
         if cfg.algorithm == "pga":
             total += cfg.pga.steps_per_round * cfg.train.batch_size * cfg.fl.clients
+        elif cfg.algorithm == "merf":  # every silo embeds its data once, in round 1; the generator sees no image
+            total += sum(sizes) if rec.get("clients") else 0
         else:
             trained = rec.get("clients", [])
             total += cfg.fl.local_epochs * sum(sizes[c] for c in trained if c < len(sizes))

@@ -38,10 +38,10 @@ def evaluate_run(run: Path, *, client: int | None = None, raw: bool = False, n: 
                             tstr=True if tstr else None, bf16=False if fp32 else None)
     if guidance is not None:
         loaded.cfg.diffusion.guidance = guidance
-    if loaded.cfg.algorithm == "pga":
+    if loaded.cfg.trains_generator:
         if sampler is not None or steps is not None or guidance is not None:
-            raise UsageError("a PGA run samples its generator directly: --sampler, --steps and --guidance are "
-                             "for diffusion runs")
+            raise UsageError(f"a {loaded.cfg.algorithm} run samples its generator directly: --sampler, --steps "
+                             "and --guidance are for diffusion runs")
         labelled = loaded.sampler()
     else:
         labelled = loaded.sampler(ev.sampler, ev.steps, None, guidance, ev.bf16)  # checks the options first

@@ -33,10 +33,10 @@ class LoadedModel:
                 guidance: float | None = None, bf16: bool | None = None) -> LabelledSampler:
         """This model as a labelled sampler (diffusion/pipeline.py, nn/gan.py); the sampler options apply to
         diffusion runs."""
-        if self.cfg.algorithm == "pga":
+        if self.cfg.trains_generator:
             if sampler != "ddpm" or steps is not None or sigma is not None or guidance is not None:
-                raise UsageError("a PGA run samples its generator directly: --sampler, --steps, --sigma and "
-                                 "--guidance are for diffusion runs")
+                raise UsageError(f"a {self.cfg.algorithm} run samples its generator directly: --sampler, --steps, "
+                                 "--sigma and --guidance are for diffusion runs")
             return GANSampler(self.model)
         diffusion = DiffusionSampler(self.model, self.cfg.diffusion, self.image_shape,
                                      null_label(self.model, len(self.classes)), sampler, steps, sigma, guidance,
@@ -55,15 +55,15 @@ def load_run_model(path: Path, client: int | None = None, device: str | None = N
     if ckpt is None:
         raise RunDirError(f"{path} has no completed round yet; train it first")
     classes, shape = ckpt.extra["classes"], tuple(ckpt.extra["image_shape"])
-    if cfg.algorithm == "pga" and client is not None:
-        raise RunDirError("a PGA run has one model, the generator: parties keep discriminators, not generators")
+    if cfg.trains_generator and client is not None:
+        raise RunDirError(f"a {cfg.algorithm} run has one model, the generator: its silos train none")
     model = new_network(cfg, shape, len(classes), dev)
     weights = "client"
     if client is None:
         use_ema = ckpt.ema is not None and not raw
         model.load_state_dict(ckpt.ema[0] if use_ema else ckpt.global_state)
         weights = "ema" if use_ema else "raw"
-        what = "generator" if cfg.algorithm == "pga" else \
+        what = "generator" if cfg.trains_generator else \
             "global model (EMA weights)" if use_ema else "global model (raw weights)"
         source = f"the {what} after round {ckpt.round}"
         return_round = ckpt.round

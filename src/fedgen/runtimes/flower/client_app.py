@@ -106,3 +106,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.train("pga")
 def pga_step(msg: Message, context: Context) -> Message:
     return handle(msg, context)
+
+
+@app.query("merf")
+def merf_release(msg: Message, context: Context) -> Message:
+    return handle(msg, context)

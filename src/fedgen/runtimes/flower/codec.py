@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from fedgen.core.records import Reply, Request
 
 MESSAGE_TYPES = {"describe": MessageType.QUERY, "fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE,
-                 "pga-step": f"{MessageType.TRAIN}.pga"}
+                 "pga-step": f"{MessageType.TRAIN}.pga", "merf-release": f"{MessageType.QUERY}.merf"}
 _ARRAYS = "arrays."
 
 
