@@ -1,8 +1,12 @@
-"""What the bench scripts share: a name for the device a number was measured on."""
+"""What the bench scripts share: a name for the device a number was measured on; `fedgen` in a subprocess, and a
+run's TSTR evaluation record."""
 
 from __future__ import annotations
 
+import json
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -20,3 +24,24 @@ def device_name(device: torch.device) -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"cpu: {model}, {torch.get_num_threads()} threads"
+
+
+def fedgen(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "fedgen.cli", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"fedgen {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def evaluation(run: Path, weights: str) -> dict:
+    """The run's `fedgen evaluate --tstr --n 10000` record with these weights: the last one logged after the
+    run's last round (evaluating again gives the same numbers), else a new evaluation."""
+    def found() -> dict | None:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last_round = max(r["round"] for r in records if r.get("event") == "round")
+        return next((r for r in reversed(records) if r.get("event") == "evaluate" and r.get("weights") == weights
+                     and r.get("round") == last_round and r.get("generated") == 10000
+                     and r.get("tstr_accuracy") is not None), None)
+
+    if found() is None:
+        fedgen("evaluate", str(run), "--tstr", "--n", "10000", *(["--raw"] if weights == "raw" else []))
+    return found()

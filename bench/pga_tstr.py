@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from common import device_name
+from common import device_name, evaluation, fedgen
 
 from fedgen.federation.rundir import RunDir
 
@@ -41,27 +39,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _fedgen(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "fedgen.cli", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"fedgen {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
-
-def _evaluation(run: Path, weights: str) -> dict:
-    """The run's `fedgen evaluate --tstr --n 10000` record with these weights: the last one logged after the
-    run's last round (evaluating again gives the same numbers), else a new evaluation."""
-    def found() -> dict | None:
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        last_round = max(r["round"] for r in records if r.get("event") == "round")
-        return next((r for r in reversed(records) if r.get("event") == "evaluate" and r.get("weights") == weights
-                     and r.get("round") == last_round and r.get("generated") == 10000
-                     and r.get("tstr_accuracy") is not None), None)
-
-    if found() is None:
-        _fedgen("evaluate", str(run), "--tstr", "--n", "10000", *(["--raw"] if weights == "raw" else []))
-    return found()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -78,7 +55,7 @@ def main() -> None:
         if args.fresh:
             shutil.rmtree(out, ignore_errors=True)
         sets = [a for o in [*overrides, *args.set] for a in ("--set", o)]
-        _fedgen("train", "--preset", preset, "--out", str(out), *sets)  # resumes a run cut short
+        fedgen("train", "--preset", preset, "--out", str(out), *sets)  # resumes a run cut short
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rounds = [r for r in records if r.get("event") == "round"]
         steps = sum(r["steps"] for r in rounds)
@@ -87,7 +64,7 @@ def main() -> None:
         # default) and with the generator itself (--raw), so one training run shows what the EMA bought
         with_ema = RunDir(out).config().pga.ema_decay > 0
         for weights in (["ema"] if args.skip_raw else ["ema", "raw"]) if with_ema else ["raw"]:
-            ev = _evaluation(out, weights)
+            ev = evaluation(out, weights)
             rows.append({"variant": name if weights == "raw" or not with_ema else f"{name}+ema", "preset": preset,
                          "overrides": overrides + args.set, "weights": weights, "generator_steps": steps,
                          "train_s": round(train_s, 1),

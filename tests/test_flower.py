@@ -255,6 +255,24 @@ def test_an_extended_run_on_simulation_keeps_every_silos_state(extended_referenc
     assert "raylet" not in _leftovers() and "gcs_server" not in _leftovers()
 
 
+def test_dp_merf_on_simulation_equals_in_process(tmp_path):
+    """DP-MERF on flower-sim (the release travels as a Flower message of its own type, QUERY.merf): the same
+    generator and ledger as in-process, each silo asked once."""
+    from fedgen.runtimes.flower.simulation import train_simulation
+
+    runs = {}
+    for name in ("local", "sim"):
+        out = tmp_path / name
+        _pin_secrets(out / "silos", silos=(0, 1, 2))
+        cfg = C.load("merf-smoke", overrides=["train.cpu_threads=1", "runtime.sim_cpus=2"])
+        (train if name == "local" else train_simulation)(cfg, out, QUIET)
+        runs[name] = out
+    _assert_same(_global(runs["sim"], 2), _global(runs["local"], 2))
+    assert _ledger(runs["sim"]) == _ledger(runs["local"]) and {s for s, _ in _ledger(runs["sim"]).values()} == {1}
+    assert [r["clients"] for r in RunDir(runs["sim"]).round_records()] == [[0, 1, 2], []]
+    assert RunDir(runs["sim"]).read_metrics()[0]["runtime"] == "flower-sim"
+
+
 # ------------------------------------------------------------------------------------------------ deployment
 
 

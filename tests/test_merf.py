@@ -32,21 +32,22 @@ def _images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, *SHAPE, generator=gen) * 2 - 1, torch.randint(10, (n,), generator=gen)
 
 
-def test_every_feature_row_has_norm_one_and_approximates_the_gaussian_kernel():
-    features = FourierFeatures(SHAPE, 20000, 0.8, seed=0)
+@pytest.mark.parametrize("bandwidths", [[0.8], [0.4, 1.6]])
+def test_every_feature_row_has_norm_one_and_approximates_the_mean_gaussian_kernel(bandwidths):
+    features = FourierFeatures(SHAPE, 20000, bandwidths, seed=0)
     x, _ = _images(10)
     rows = features(x.double())
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(10, dtype=torch.float64), rtol=0, atol=1e-12)
     # phi(x).phi(x') = 2 rows.rows' - 1; each is a mean of D/2 = 10,000 cosines, so its sd is at most 1/100
     approx = 2 * rows @ rows.T - 1
-    length = 0.8 * math.sqrt(64)
-    exact = torch.exp(-torch.cdist(x.flatten(1), x.flatten(1)).double() ** 2 / (2 * length ** 2))
+    squared = torch.cdist(x.flatten(1), x.flatten(1)).double() ** 2
+    exact = torch.stack([torch.exp(-squared / (2 * (b * math.sqrt(64)) ** 2)) for b in bandwidths]).mean(0)
     assert (approx - exact).abs().max() < 5 / 100
     assert exact.min() < 0.9  # the pairs are not all near-identical: the check has something to measure
 
 
 def test_one_record_moves_the_sums_by_exactly_its_unit_row():
-    features = FourierFeatures(SHAPE, 1000, 0.8, seed=0)
+    features = FourierFeatures(SHAPE, 1000, [0.8], seed=0)
     x, y = _images(50)
     with_all, without_one = class_sums(features, x, y, 10), class_sums(features, x[1:], y[1:], 10)
     diff = with_all - without_one
@@ -58,7 +59,7 @@ def test_one_record_moves_the_sums_by_exactly_its_unit_row():
 
 
 def test_the_loss_is_zero_for_the_data_itself_and_grows_away_from_it():
-    features = FourierFeatures(SHAPE, 1000, 0.8, seed=0)
+    features = FourierFeatures(SHAPE, 1000, [0.8], seed=0)
     x, y = _images(200)
     target, proportions = target_embedding(class_sums(features, x, y, 10))
     torch.testing.assert_close(proportions, torch.bincount(y, minlength=10).float() / 200)
@@ -96,7 +97,7 @@ def test_a_dp_silo_releases_once_and_reports_the_gaussian_mechanism(tmp_path):
     assert eps <= cfg.privacy.target_epsilon
     # the noise: release - exact sums, K (D + 1) = 5,010 draws of N(0, sigma^2); the sample sd is within 5 of its
     # standard errors (sigma / sqrt(2 n)) of sigma
-    exact_sums = class_sums(FourierFeatures(SHAPE, cfg.merf.features, cfg.merf.bandwidth, cfg.train.seed),
+    exact_sums = class_sums(FourierFeatures(SHAPE, cfg.merf.features, cfg.merf.bandwidths, cfg.train.seed),
                             silo.data.images, silo.data.labels, 10)
     noise = first.arrays["release"]["sums"] - exact_sums
     assert abs(float(noise.std()) - sigma) < 5 * sigma / math.sqrt(2 * noise.numel())
@@ -121,7 +122,7 @@ def test_a_silo_that_lost_its_release_refuses_a_second_draw(tmp_path):
 def test_without_privacy_the_release_is_the_exact_sum(tmp_path):
     cfg, silo = _silo(tmp_path, mode="none")
     reply = silo.handle(Request(0, "merf-release", {}, {}))
-    exact = class_sums(FourierFeatures(SHAPE, cfg.merf.features, cfg.merf.bandwidth, cfg.train.seed),
+    exact = class_sums(FourierFeatures(SHAPE, cfg.merf.features, cfg.merf.bandwidths, cfg.train.seed),
                        silo.data.images, silo.data.labels, 10)
     assert torch.equal(reply.arrays["release"]["sums"], exact) and reply.config == {}
 
@@ -163,7 +164,8 @@ def test_evaluate_samples_the_generator(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["privacy.mode=dp-sgd"], "DP-MERF trains nothing at the silos"),
-    (["merf.features=501"], "must be even"),
+    (["merf.features=500"], "must be a multiple of 2 x 3 bandwidths"),
+    (["merf.bandwidths=[0.5, -1.0]"], "every bandwidth positive"),
     (["fl.clients_per_round=2"], "every silo releases once"),
     (["privacy.max_grad_norm=2.0"], "privacy.max_grad_norm: dp-release clips nothing"),
     (["pga.width=8"], "pga.width: used only by algorithm=pga"),
@@ -201,7 +203,7 @@ def test_fedgen_train_with_only_a_budget_trains_the_dp_recipe(tmp_path, monkeypa
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "--out", str(out), "--set", "privacy.target_epsilon=3",
                                       "--set", "data.dataset=digits", "--set", "fl.rounds=1",
-                                      "--set", "merf.steps_per_round=2", "--set", "merf.features=200"])
+                                      "--set", "merf.steps_per_round=2", "--set", "merf.features=240"])
     assert result.exit_code == 0, result.output
     assert f"preset {C.DP_RECIPE} (the DP recipe" in result.output
     cfg = RunDir(out).config()

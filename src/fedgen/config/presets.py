@@ -114,7 +114,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
         "data": {"dataset": "digits", "beta": 0.5},
         "fl": {"clients": 3, "rounds": 2},
         "train": {"batch_size": 64},
-        "merf": {"features": 500, "steps_per_round": 20, "width": 16},
+        "merf": {"features": 600, "steps_per_round": 20, "width": 16},
         "privacy": {"mode": "dp-release", "target_epsilon": 10.0},
         "log": {"samples_per_class": 4},
     }

@@ -212,11 +212,13 @@ class MERFConfig(_Section):
     features once; the coordinator trains the generator to match their sum. A round is `steps_per_round`
     generator steps at the coordinator (no messages after the first)."""
 
-    features: int = Field(10000, ge=2, description="random Fourier features (even): more approximate the Gaussian "
-                          "kernel better, at a cost per generator step")
-    bandwidth: float = Field(0.8, gt=0, description="the kernel's length scale per sqrt(pixel values): "
-                             "l = bandwidth * sqrt(C*H*W) on images in [-1, 1] (0.8: the median distance between "
-                             "Fashion-MNIST training images, 23.0, over sqrt(784))")
+    features: int = Field(6000, ge=2, description="random Fourier features, split equally between the "
+                          "bandwidths (a multiple of 2 x their number): more approximate the kernel better, at a "
+                          "cost per generator step")
+    bandwidths: list[float] = Field(
+        [0.28, 0.56, 1.12], min_length=1, description="the Gaussian kernels' length scales per sqrt(pixel values): "
+        "l = b * sqrt(C*H*W) on images in [-1, 1]; several: their mean kernel. The default is 0.35, 0.7 and 1.4 "
+        "times the median distance between Fashion-MNIST training images (23.0 = 0.8 sqrt(784))")
     steps_per_round: int = Field(100, ge=1, description="generator steps per round (checkpoint and log unit)")
     z_dim: int = Field(100, ge=1)
     width: int = Field(64, ge=4, description="generator base width")
@@ -335,8 +337,10 @@ class Config(_Section):
     def _merf_fits(self) -> Config:
         if self.algorithm != "merf":
             return self
-        if self.merf.features % 2:
-            raise ValueError(f"merf.features={self.merf.features}: must be even (a cosine and a sine per frequency)")
+        if self.merf.features % (2 * len(self.merf.bandwidths)) or min(self.merf.bandwidths) <= 0:
+            raise ValueError(f"merf.features={self.merf.features}: must be a multiple of 2 x "
+                             f"{len(self.merf.bandwidths)} bandwidths (a cosine and a sine per frequency, as many "
+                             "per bandwidth), and every bandwidth positive")
         if self.fl.centralized:
             raise ValueError("fl.centralized is a FedDM baseline; DP-MERF's sum over silos is already the "
                              "centralized embedding")

@@ -36,7 +36,7 @@ class MERF:
         self.ctx, self.cfg = ctx, cfg
         self.g = new_generator(cfg, fed.image_shape, fed.num_classes, ctx.device)
         self.opt = torch.optim.Adam(self.g.parameters(), lr=cfg.merf.lr)
-        self.features = FourierFeatures(fed.image_shape, cfg.merf.features, cfg.merf.bandwidth, cfg.train.seed,
+        self.features = FourierFeatures(fed.image_shape, cfg.merf.features, cfg.merf.bandwidths, cfg.train.seed,
                                         ctx.device)
         self.parties = [s.silo for s in fed.silos]
         self.sums: torch.Tensor | None = None  # the silos' summed release

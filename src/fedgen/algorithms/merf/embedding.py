@@ -1,7 +1,8 @@
 """DP-MERF's data summary (Harder et al., AISTATS 2021): the class-conditional sum of random Fourier features.
 
 phi(x) = sqrt(2/D) [cos(W^T x), sin(W^T x)], W ~ N(0, 1/l^2), approximates the Gaussian kernel
-exp(-|x - x'|^2 / (2 l^2)) and has |phi(x)| = 1 exactly. Each image contributes the row
+exp(-|x - x'|^2 / (2 l^2)) and has |phi(x)| = 1 exactly. With several length scales l_1..l_J, each gets D/J of
+the features: phi then approximates the mean of the J Gaussian kernels (coarse and fine structure at once). Each image contributes the row
 [phi(x) / sqrt(2), 1 / sqrt(2)] to the row of its class: a (K, D + 1) matrix whose last column is the class
 count / sqrt(2). Every record's contribution has L2 norm 1 (checked, clipped where rounding exceeds it), so adding
 or removing one record moves the sum by at most 1: the L2 sensitivity of the Gaussian mechanism
@@ -21,17 +22,19 @@ from fedgen.core.seeding import generator
 
 
 class FourierFeatures:
-    """The random feature map of a run: `features` (even) features of images of `image_shape`, bandwidth
-    `bandwidth * sqrt(pixel values)`."""
+    """The random feature map of a run: `features` features of images of `image_shape`, split equally between
+    the length scales `bandwidths`, each given per sqrt(pixel values) (l = b * sqrt(C*H*W))."""
 
-    def __init__(self, image_shape: tuple[int, int, int], features: int, bandwidth: float, seed: int,
+    def __init__(self, image_shape: tuple[int, int, int], features: int, bandwidths: list[float], seed: int,
                  device: torch.device | str = "cpu"):
-        if features % 2:
-            raise ValueError(f"merf.features={features}: must be even (cos and sin of each frequency)")
+        if features % (2 * len(bandwidths)):
+            raise ValueError(f"merf.features={features}: must be a multiple of 2 x {len(bandwidths)} bandwidths "
+                             "(a cosine and a sine per frequency, as many frequencies per bandwidth)")
         dim = math.prod(image_shape)
-        self.scale = bandwidth * math.sqrt(dim)
+        per_scale = features // 2 // len(bandwidths)
         gen = generator(seed, "merf-frequencies")
-        self.w = (torch.randn(dim, features // 2, generator=gen, dtype=torch.float64) / self.scale).to(device)
+        self.w = torch.cat([torch.randn(dim, per_scale, generator=gen, dtype=torch.float64) / (b * math.sqrt(dim))
+                            for b in bandwidths], 1).to(device)
         self.features = features
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ class MERFSilo:
 
     def _sums(self) -> torch.Tensor:
         m = self.cfg.merf
-        features = FourierFeatures(tuple(self.data.images.shape[1:]), m.features, m.bandwidth, self.cfg.train.seed,
+        features = FourierFeatures(tuple(self.data.images.shape[1:]), m.features, m.bandwidths, self.cfg.train.seed,
                                    self.device)
         return class_sums(features, self.data.images, self.data.labels, len(self.classes))
 
