@@ -32,6 +32,13 @@ def fedgen(*args: str) -> None:
         raise RuntimeError(f"fedgen {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
 
+def tstr_fields(ev: dict) -> dict:
+    """What a bench row keeps of an evaluate record: TSTR against the real-data CNNs, domain FID and agreement."""
+    keys = ("tstr_accuracy", "tstr_generated", "local_real_accuracy_mean", "local_real_accuracy",
+            "real_train_real_test_accuracy", "tstr_minus_local_mean", "fid_domain_test", "label_agreement_domain")
+    return {k: ev.get(k) for k in keys}
+
+
 def evaluation(run: Path, weights: str) -> dict:
     """The run's `fedgen evaluate --tstr --n 10000` record with these weights: the last one logged after the
     run's last round (evaluating again gives the same numbers), else a new evaluation."""

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from common import device_name, evaluation, fedgen
+from common import device_name, evaluation, fedgen, tstr_fields
 
 PRESET = "dp-fmnist-quick"
 
@@ -57,12 +57,7 @@ def main() -> None:
                      "delta": ledger["delta"] if isinstance(ledger, dict) else None,
                      "privacy": ledger if isinstance(ledger, str) else f"{ledger['mode']}, {ledger['accountant']}",
                      "generator_steps": sum(r["steps"] for r in rounds),
-                     "train_s": round(sum(r["train_time_s"] for r in rounds), 1),
-                     "tstr_accuracy": ev["tstr_accuracy"], "tstr_generated": ev["tstr_generated"],
-                     "local_real_accuracy_mean": ev.get("local_real_accuracy_mean"),
-                     "real_train_real_test_accuracy": ev["real_train_real_test_accuracy"],
-                     "fid_domain_test": ev["fid_domain_test"],
-                     "label_agreement_domain": ev.get("label_agreement_domain")})
+                     "train_s": round(sum(r["train_time_s"] for r in rounds), 1), **tstr_fields(ev)})
         _write(args.out, rows)
         r = rows[-1]
         print(f"{name:<8} TSTR {r['tstr_accuracy']:.4f}  FID_domain {r['fid_domain_test']:.2f}  "

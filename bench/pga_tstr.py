@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from common import device_name, evaluation, fedgen
+from common import device_name, evaluation, fedgen, tstr_fields
 
 from fedgen.federation.rundir import RunDir
 
@@ -69,13 +69,7 @@ def main() -> None:
                          "overrides": overrides + args.set, "weights": weights, "generator_steps": steps,
                          "train_s": round(train_s, 1),
                          "steps_per_s": round(steps / train_s, 2),
-                         "tstr_accuracy": ev["tstr_accuracy"],
-                         "local_real_accuracy_mean": ev["local_real_accuracy_mean"],
-                         "local_real_accuracy": ev["local_real_accuracy"],
-                         "real_train_real_test_accuracy": ev["real_train_real_test_accuracy"],
-                         "tstr_minus_local_mean": ev["tstr_minus_local_mean"],
-                         "fid_domain_test": ev["fid_domain_test"],
-                         "label_agreement_domain": ev.get("label_agreement_domain")})
+                         **tstr_fields(ev)})
         _write(args.out, rows)
         r = rows[-1]
         print(f"{name:<18} TSTR {r['tstr_accuracy']:.4f}  local {r['local_real_accuracy_mean']:.4f}  "

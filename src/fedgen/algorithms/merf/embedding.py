@@ -2,11 +2,12 @@
 
 phi(x) = sqrt(2/D) [cos(W^T x), sin(W^T x)], W ~ N(0, 1/l^2), approximates the Gaussian kernel
 exp(-|x - x'|^2 / (2 l^2)) and has |phi(x)| = 1 exactly. With several length scales l_1..l_J, each gets D/J of
-the features: phi then approximates the mean of the J Gaussian kernels (coarse and fine structure at once). Each image contributes the row
-[phi(x) / sqrt(2), 1 / sqrt(2)] to the row of its class: a (K, D + 1) matrix whose last column is the class
-count / sqrt(2). Every record's contribution has L2 norm 1 (checked, clipped where rounding exceeds it), so adding
-or removing one record moves the sum by at most 1: the L2 sensitivity of the Gaussian mechanism
-(docs/DESIGN.md, DP-MERF).
+the features: phi then approximates the mean of the J Gaussian kernels (coarse and fine structure at once).
+
+Each image contributes the row [phi(x) / sqrt(2), 1 / sqrt(2)] to the row of its class: a (K, D + 1) matrix whose
+last column is the class count / sqrt(2). Every record's contribution has L2 norm 1 (checked, clipped where
+rounding exceeds it), so adding or removing one record moves the sum by at most 1: the L2 sensitivity of the
+Gaussian mechanism (docs/DESIGN.md §10).
 
 W is drawn from the run's seed: public randomness, the same at every silo and at the coordinator, which needs it
 to embed the generator's images.
