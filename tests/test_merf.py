@@ -158,6 +158,11 @@ def test_evaluate_samples_the_generator(tmp_path):
     assert result.exit_code == 0, result.output
     record = RunDir(out).read_metrics()[-1]
     assert record["event"] == "evaluate" and record["generated"] == 50 and record["fid_domain_test"] > 0
+    result = CliRunner().invoke(app, ["evaluate", str(out), "--n", "50", "--tstr", "--tstr-samples", "100",
+                                      "--no-baselines"])
+    assert result.exit_code == 0, result.output
+    record = RunDir(out).read_metrics()[-1]
+    assert 0 <= record["tstr_accuracy"] <= 1 and "local_real_accuracy_mean" not in record  # no silo baselines
     bad = CliRunner().invoke(app, ["evaluate", str(out), "--n", "50", "--steps", "4"])
     assert bad.exit_code != 0 and "eval.steps: used only by algorithm=feddm" in bad.output
 

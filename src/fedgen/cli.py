@@ -195,6 +195,8 @@ def evaluate(
     tstr: Annotated[bool, typer.Option("--tstr", help="also train on synthetic, test on real")] = False,
     tstr_samples: Annotated[int | None, typer.Option(help="synthetic training images (default: train size)")]
     = None,
+    baselines: Annotated[bool, typer.Option(help="with --tstr: also each silo's CNN on its own real data (the "
+                                                 "PGA paper's local column; costs as much as TSTR)")] = True,
     inception_weights: Annotated[Path | None, typer.Option(help="local FID Inception weights (.pth)")] = None,
     guidance: GuidanceOption = None,
     raw: RawOption = False,
@@ -208,7 +210,8 @@ def evaluate(
     with _user_errors(), progress_bar(console) as progress:
         record, loaded = evaluate_run(run, client=client, raw=raw, n=n, sampler=sampler, steps=steps, tstr=tstr,
                                       tstr_samples=tstr_samples, inception_weights=inception_weights,
-                                      guidance=guidance, fp32=fp32, seed=seed, progress=progress,
+                                      guidance=guidance, fp32=fp32, seed=seed, baselines=baselines,
+                                      progress=progress,
                                       log=lambda m: console.print(m, highlight=False))
     console.print(record_table(record, loaded.source))
     if "tstr_minus_local_mean" in record:  # the PGA paper's Tables 1-2

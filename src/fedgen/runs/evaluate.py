@@ -28,7 +28,7 @@ def evaluation_options(cfg: Config, **given) -> EvalConfig:
 def evaluate_run(run: Path, *, client: int | None = None, raw: bool = False, n: int | None = None,
                  sampler: str | None = None, steps: int | None = None, tstr: bool = False,
                  tstr_samples: int | None = None, inception_weights: Path | None = None,
-                 guidance: float | None = None, fp32: bool = False, seed: int = 0,
+                 guidance: float | None = None, fp32: bool = False, seed: int = 0, baselines: bool = True,
                  log: Callable[[str], None] = print, progress=None) -> tuple[dict, LoadedModel]:
     """Score the run's global model (or silo `client`'s): every option is checked before any work; the record is
     logged to the run's metrics and returned with the model it scored."""
@@ -49,7 +49,7 @@ def evaluate_run(run: Path, *, client: int | None = None, raw: bool = False, n: 
         check_inception_weights(ev.inception_weights)
     ds = load_reference(loaded.cfg.data)
     record = evaluate_model(labelled, loaded.cfg, ds, ev, seed=seed, log=log, progress=progress)
-    if ev.tstr and client is None:
+    if ev.tstr and client is None and baselines:  # each silo's own CNN: as costly as TSTR itself
         record |= _silo_baselines(run, loaded.cfg, ds, ev, log)
         if "local_real_accuracy_mean" in record:
             record["tstr_minus_local_mean"] = record["tstr_accuracy"] - record["local_real_accuracy_mean"]
