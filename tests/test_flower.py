@@ -268,7 +268,10 @@ def test_dp_merf_on_simulation_equals_in_process(tmp_path):
         (train if name == "local" else train_simulation)(cfg, out, QUIET)
         runs[name] = out
     _assert_same(_global(runs["sim"], 2), _global(runs["local"], 2))
-    assert _ledger(runs["sim"]) == _ledger(runs["local"]) and {s for s, _ in _ledger(runs["sim"]).values()} == {1}
+    # the same account; PRV's epsilon, computed in another process (a Ray worker), may differ in the last digits
+    sim, local = _ledger(runs["sim"]), _ledger(runs["local"])
+    assert sim.keys() == local.keys() and all(sim[s][0] == local[s][0] == 1 for s in sim)
+    assert all(sim[s][1] == pytest.approx(local[s][1], rel=1e-12) for s in sim)
     assert [r["clients"] for r in RunDir(runs["sim"]).round_records()] == [[0, 1], []]
     assert RunDir(runs["sim"]).read_metrics()[0]["runtime"] == "flower-sim"
 
