@@ -489,13 +489,21 @@ def test_the_coordinator_refuses_a_report_that_goes_backwards():
     assert ledger.record(2)["epsilon"] == 2.5
 
 
-def test_a_privacy_setting_without_a_privacy_mode_is_refused():
-    for setting in ("privacy.target_epsilon=10", "privacy.noise_multiplier=1.0", "privacy.delta=1e-6"):
+def test_a_privacy_setting_without_a_privacy_mode_is_refused_unless_it_is_a_budget(tmp_path):
+    """A budget (target epsilon or sigma) without a mode means the algorithm's record-level mode, said in a note;
+    any other privacy setting without a mode would be ignored, and is refused."""
+    for setting in ("privacy.delta=1e-6", "privacy.max_grad_norm=2.0"):
         with pytest.raises(C.ConfigError, match=rf"{setting.split('=')[0]}: used only with a privacy mode: set "
                                                 r"privacy.mode=dp-sgd"):
             C.load("smoke", overrides=[setting])
-    done = CliRunner().invoke(app, ["train", "--preset", "smoke", "--out", "/nonexistent/x", "--set",
+    for setting in ("privacy.target_epsilon=10", "privacy.noise_multiplier=1.0"):
+        notes: list[str] = []
+        assert C.load("smoke", overrides=[setting], notes=notes).privacy.mode == "dp-sgd"
+        assert len(notes) == 1 and "record-level dp-sgd" in notes[0]
+    not_a_folder = tmp_path / "file"  # the run cannot start there: the test stops after the config is resolved
+    not_a_folder.write_text("")
+    done = CliRunner().invoke(app, ["train", "--preset", "smoke", "--out", str(not_a_folder), "--set",
                                     "privacy.target_epsilon=10"])
-    assert done.exit_code == 1 and "privacy.mode" in done.output
+    assert done.exit_code != 0 and "note: a privacy budget without privacy.mode: record-level dp-sgd" in done.output
     with pytest.raises(C.ConfigError, match="privacy.noise_multiplicity: used only by FedDM"):
         C.load("pga-smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "privacy.noise_multiplicity=2"])
