@@ -121,7 +121,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
     presets["dp-fmnist-quick"] = {
         "description": "the DP recipe: DP-MERF on Fashion-MNIST, 10 Dirichlet(0.5) silos, each releases its "
         "random-feature embedding once at record-level epsilon 10 (delta 1e-5); the generator trains at the "
-        "coordinator; minutes on 2 CPU cores",
+        "coordinator; TSTR 0.67, 15 minutes of training on 2 shared CPU cores (docs/PERFORMANCE.md)",
         "algorithm": "merf",
         "data": {"dataset": "fashion-mnist", "beta": 0.5},
         "fl": {"clients": 10, "rounds": 15},
