@@ -36,13 +36,14 @@ class FourierFeatures:
         gen = generator(seed, "merf-frequencies")
         self.w = torch.cat([torch.randn(dim, per_scale, generator=gen, dtype=torch.float64) / (b * math.sqrt(dim))
                             for b in bandwidths], 1).to(device)
+        self.w32 = self.w.float()  # the generator's images are float32: converted once, not at every step
         self.features = features
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(N, D + 1) rows [phi(x) / sqrt(2), 1 / sqrt(2)], each of norm 1; float64 for the release, the dtype of
         the weights (float32) where gradients flow (the generator's images)."""
         x = images.flatten(1).to(self.w.device)
-        w = self.w if x.dtype == torch.float64 else self.w.to(x.dtype)
+        w = self.w if x.dtype == torch.float64 else self.w32 if x.dtype == torch.float32 else self.w.to(x.dtype)
         proj = x @ w
         phi = torch.cat([proj.cos(), proj.sin()], 1) * math.sqrt(1 / (self.features // 2))
         const = torch.full((len(x), 1), 1.0, dtype=x.dtype, device=x.device)
