@@ -259,8 +259,9 @@ def test_resume_with_server_state_equals_uninterrupted(tmp_path, strategy):
 def test_refused_strategy_combinations_say_why(overrides, message):
     with pytest.raises(C.ConfigError, match=message):
         C.load("smoke", overrides=overrides)
-    with pytest.raises(C.ConfigError, match="PGA averages no weights"):
-        C.load("pga-smoke", overrides=["fl.strategy=fedprox"])
+    for preset, algorithm in (("pga-smoke", "pga"), ("merf-smoke", "merf")):
+        with pytest.raises(C.ConfigError, match=f"algorithm={algorithm} averages no weights"):
+            C.load(preset, overrides=["fl.strategy=fedprox"])
 
 
 # ------------------------------------------------------------------------------------------------ compare
