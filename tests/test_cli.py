@@ -1,10 +1,13 @@
 """Each CLI command end to end (typer's runner, in-process)."""
 
+import tomllib
+
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from fedgen import config as C
 from fedgen.cli import app
 from fedgen.config import PRESETS
 
@@ -25,6 +28,32 @@ def test_presets_lists_every_preset():
     for name in ("smoke", "fmnist-quick", "paper-cifar10-n50", "paper-ct"):
         assert name in result.output
     assert len(PRESETS) >= 30
+
+
+def test_a_preset_printed_as_toml_loads_as_that_preset(tmp_path):
+    result = runner.invoke(app, ["presets", "dp-fmnist-quick"])
+    assert result.exit_code == 0, result.output
+    template = tmp_path / "my.toml"
+    template.write_text(result.output)
+    assert "fedgen train --preset dp-fmnist-quick --config my.toml" in result.output.splitlines()[0]
+    expected = C.to_dict(C.load("dp-fmnist-quick"))
+    assert C.to_dict(C.load("dp-fmnist-quick", config_path=template)) == expected  # as the hint says
+    assert C.to_dict(C.load(config_path=template)) == expected
+    assert tomllib.loads(template.read_text()) == expected  # every setting is written out, not only the preset's
+
+
+def test_an_unknown_preset_is_one_error_line():
+    result = runner.invoke(app, ["presets", "no-such-preset"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: unknown preset 'no-such-preset'")
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"fedgen {version('fedgen')}\n"
 
 
 @pytest.fixture(scope="module")

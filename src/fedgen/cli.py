@@ -48,9 +48,35 @@ RawOption = Annotated[bool, typer.Option("--raw", help="the plain global weights
 Fp32Option = Annotated[bool, typer.Option("--fp32", help="float32 network, whatever eval.bf16 says")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fedgen {version('fedgen')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                     help="print fedgen's version and exit")] = False) -> None:
+    """Federated training of generative image models across data silos."""
+
+
 @app.command()
-def presets() -> None:
-    """List the presets with a one-line description."""
+def presets(name: Annotated[str | None, typer.Argument(help="print this preset as TOML (a config template)")]
+            = None) -> None:
+    """List the presets with a one-line description, or print one as TOML to start a config file from."""
+    if name is not None:
+        import tomli_w
+
+        with _user_errors():
+            cfg = config_mod.load(name)
+        # every setting, resolved, so the template shows what can be changed. A bare --config builds on the default
+        # preset (whose other algorithm's settings would be refused), hence --preset in the hint.
+        # Plain echo, not rich: TOML's [tables] would be read as markup.
+        typer.echo(f"# preset {name}, every setting; edit, then: fedgen train --preset {name} --config my.toml\n"
+                   f"{tomli_w.dumps(config_mod.to_dict(cfg))}", nl=False)
+        return
     table = Table("preset", "description")
     for name, raw in config_mod.PRESETS.items():
         table.add_row(name, raw.get("description", ""))
