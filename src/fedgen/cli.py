@@ -59,7 +59,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                      help="print fedgen's version and exit")] = False) -> None:
-    """Federated training of generative image models across data silos."""
+    pass  # the app's own help text stays its description
 
 
 @app.command()
@@ -67,15 +67,13 @@ def presets(name: Annotated[str | None, typer.Argument(help="print this preset a
             = None) -> None:
     """List the presets with a one-line description, or print one as TOML to start a config file from."""
     if name is not None:
-        import tomli_w
-
         with _user_errors():
             cfg = config_mod.load(name)
         # every setting, resolved, so the template shows what can be changed. A bare --config builds on the default
         # preset (whose other algorithm's settings would be refused), hence --preset in the hint.
         # Plain echo, not rich: TOML's [tables] would be read as markup.
         typer.echo(f"# preset {name}, every setting; edit, then: fedgen train --preset {name} --config my.toml\n"
-                   f"{tomli_w.dumps(config_mod.to_dict(cfg))}", nl=False)
+                   f"{config_mod.to_toml(cfg)}", nl=False)
         return
     table = Table("preset", "description")
     for name, raw in config_mod.PRESETS.items():

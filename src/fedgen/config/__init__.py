@@ -12,6 +12,7 @@ from fedgen.config.loading import (
     read,
     save,
     to_dict,
+    to_toml,
     validate,
 )
 from fedgen.config.presets import DEFAULT_PRESET, PRESETS
@@ -37,5 +38,5 @@ __all__ = [
     "DEFAULT_PRESET", "DP_RECIPE", "PRESETS", "RESUMABLE_CHANGES", "Config", "ConfigError", "DataConfig",
     "DiffusionConfig", "EvalConfig", "FLConfig", "LogConfig", "MERFConfig", "ModelConfig", "PGAConfig",
     "PrivacyConfig", "RuntimeConfig", "TrainConfig", "apply_overrides", "diff", "flatten", "ignored_settings", "load",
-    "preset", "privacy_defaults", "read", "save", "to_dict", "validate",
+    "preset", "privacy_defaults", "read", "save", "to_dict", "to_toml", "validate",
 ]

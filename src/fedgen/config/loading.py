@@ -131,8 +131,13 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude_none=True)
 
 
+def to_toml(cfg: Config) -> str:
+    """Every setting of `cfg` as TOML: what config.toml holds, and a config file that loads back as `cfg`."""
+    return tomli_w.dumps(to_dict(cfg))
+
+
 def save(cfg: Config, path: Path) -> None:
-    data = tomli_w.dumps(to_dict(cfg))
+    data = to_toml(cfg)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(data)
     tmp.replace(path)

@@ -12,7 +12,6 @@ from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 
-import tomli_w
 import torch
 from rich.console import Console
 
@@ -48,7 +47,7 @@ def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederat
         try:
             console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
                           f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
-            console.print("resolved config:\n" + _toml(cfg), highlight=False, markup=False)
+            console.print("resolved config:\n" + config_mod.to_toml(cfg), highlight=False, markup=False)
             with open_federation(cfg, run, device, console) as fed:  # bad data fails here, before anything is written
                 return _train(cfg, run, device, fed, console, make_algorithm)
         finally:  # in-process silos set it too; leave the caller's process as it was
@@ -152,7 +151,3 @@ def _evaluate(ctx: RoundContext, algorithm: Algorithm) -> dict:
                       and not k.endswith("_std") and isinstance(v, float))
     ctx.console.print(f"evaluation: {shown}")
     return record
-
-
-def _toml(cfg: Config) -> str:
-    return tomli_w.dumps(config_mod.to_dict(cfg))
