@@ -1,5 +1,6 @@
 """Each CLI command end to end (typer's runner, in-process)."""
 
+import re
 import tomllib
 
 import numpy as np
@@ -69,7 +70,12 @@ def test_train_prints_config_and_device(trained, trained_output):
     text = " ".join(trained_output.split())
     assert "on cpu (" in text and "CPU threads" in text  # the device it trains on
     assert "config: preset smoke + --set fl.rounds=1" in text  # where the config came from
-    assert 'dataset = "digits"' in trained_output and "rounds = 1" in trained_output  # the resolved config itself
+    # the resolved config is a file of the run, printed only with --verbose (one line says where it is)
+    assert re.search(r"resolved config: \S+/run2/config\.toml", text)
+    assert 'dataset = "digits"' not in trained_output and len(trained_output.splitlines()) < 15
+    verbose = runner.invoke(app, ["train", "--out", str(trained), "--verbose"])
+    assert verbose.exit_code == 0, verbose.output
+    assert 'dataset = "digits"' in verbose.output and "rounds = 1" in verbose.output
     again = runner.invoke(app, ["train", "--out", str(trained)])  # existing run: its own config, nothing to do
     assert again.exit_code == 0 and "nothing to train" in again.output
     assert f"config: the config of {trained}" in " ".join(again.output.split())
@@ -111,7 +117,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
         (["evaluate", "RUN", "--steps", "0"], "eval.steps: Input should be greater than or equal to 1"),
         (["evaluate", "RUN", "--steps", "60"], "steps must be in [1, T=50], got 60"),
         (["evaluate", "RUN", "--sampler", "euler"], "eval.sampler"),
-        (["evaluate", "RUN", "--n", "3"], "eval.samples"),
+        (["evaluate", "RUN", "--n", "3"], "--n must be at least 10 (FID and precision/recall need"),
         (["evaluate", "RUN", "--guidance", "3"], "needs a model trained with train.label_dropout"),
         (["evaluate", "RUN", "--client", "99"], "no local model for client 99"),
     ],
@@ -227,3 +233,103 @@ def test_evaluate_prints_named_metrics_and_appends_them(trained, tmp_path, monke
     assert json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])["model"] == f"client {cid}"
     bad = runner.invoke(app, ["evaluate", str(trained), "--inception-weights", str(tmp_path / "none.pth")])
     assert bad.exit_code == 1 and "not found" in bad.output
+
+
+# ------------------------------------------------------------------------ the first hour: one-line errors, outputs
+
+
+def test_an_output_image_without_a_format_is_refused_before_sampling(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr("fedgen.report.grid.sample_grid", lambda *a, **k: pytest.fail("sampled before the check"))
+    result = runner.invoke(app, ["sample", str(trained), "--out", str(tmp_path / "noext")])
+    assert result.exit_code == 1
+    assert result.output == (f"error: --out {tmp_path / 'noext'}: an image file name must end in .png, .jpg, "
+                             ".jpeg (got no extension)\n")
+    for args in (["partition", str(trained), "--out", "h.tiff"], ["compare", str(trained), "--out", "c.txt"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and "an image file name must end in .png" in result.output, result.output
+
+
+def test_sample_and_partition_write_inside_the_run_by_default(trained):
+    result = runner.invoke(app, ["sample", str(trained), "--n", "10"])
+    assert result.exit_code == 0, result.output
+    assert (trained / "samples" / "sample.png").exists() and str(trained / "samples" / "sample.png") in result.output
+    result = runner.invoke(app, ["partition", str(trained)])
+    assert result.exit_code == 0 and (trained / "partition.png").exists()
+    result = runner.invoke(app, ["partition", "--dataset", "digits"])
+    assert result.exit_code == 1 and result.output.startswith("error: --out is needed without a run directory")
+
+
+def test_compare_writes_its_plot_into_the_first_run(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["compare", str(trained), str(trained)])
+    assert result.exit_code == 0, result.output
+    metric = "fid_domain_test" if "fid_domain_test" in (trained / "metrics.jsonl").read_text() else "global_test_loss"
+    assert (trained / f"compare-{metric}.png").exists() and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize(("command", "minimum", "why"), [
+    ("sample", 1, "images to draw"),
+    ("evaluate", 10, "FID and precision/recall need that many generated images"),
+    ("audit", 20, "members, and as many non-members, for the attacks' ROC"),
+])
+def test_a_count_below_its_minimum_has_one_wording(trained, command, minimum, why):
+    result = runner.invoke(app, [command, str(trained), "--n", "0"])
+    assert result.exit_code == 1
+    assert result.output == f"error: --n must be at least {minimum} ({why}), got 0\n"
+
+
+def test_evaluate_on_a_folder_too_small_to_score_is_one_line(tmp_path, monkeypatch):
+    """One class of 12 images trains; its ~3-image test split cannot be scored (k-NN precision/recall)."""
+    monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(tmp_path / "data" / "a" / f"{i}.png")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(run), "--set", "fl.rounds=1",
+                                 "--set", "data.dataset=image-folder", "--set", f"data.path={tmp_path / 'data'}",
+                                 "--set", "data.image_size=8", "--set", "data.channels=1", "--set", "fl.clients=1",
+                                 "--set", "fl.clients_per_round=1", "--set", "data.partition=iid"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "test split has 3 images; evaluation needs at " \
+        "least 10" in lines[0], result.output
+    assert not list((tmp_path / "cache").glob("domain-*"))  # refused before the domain classifier was trained
+
+
+def test_a_command_line_that_cannot_be_parsed_is_one_line(monkeypatch, capsys):
+    from fedgen import cli
+
+    for argv, message in ((["sample"], "error: Missing argument 'RUN'. (see fedgen sample --help)"),
+                          (["sample", "r", "--n", "many"], "error: Invalid value for '--n'")):
+        monkeypatch.setattr("sys.argv", ["fedgen", *argv])
+        with pytest.raises(SystemExit) as stop:
+            cli.main()
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_ctrl_c_during_training_says_how_to_resume(tmp_path, monkeypatch):
+    def interrupted(cfg, out, console):
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"event": "round", "round": 1}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fedgen.runtimes.local.train", interrupted)
+    run = tmp_path / "r"
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(run)])
+    assert result.exit_code == 130
+    assert result.output.splitlines()[-1] == (f"error: interrupted: {run} keeps its last complete round (1 of 2); "
+                                              "rerun the same command to resume from it")
+
+
+def test_round_lines_name_an_unchanging_privacy_state_once(tmp_path):
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    rounds = [line for line in result.output.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2
+    assert "no formal guarantee" in rounds[0] and "no formal guarantee" not in rounds[1]
+    assert result.output.count("no formal guarantee") == 2  # round 1, and the run's summary at the end

@@ -292,9 +292,9 @@ def test_compare_labels_runs_by_their_differences_and_counts_compute(tmp_path):
 
     plot = tmp_path / "cmp.png"
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "avg"), str(tmp_path / "adam"),
-                                      "--metric", "global_test_loss", "--plot", str(plot)])
+                                      "--metric", "global_test_loss", "--out", str(plot)])
     assert result.exit_code == 0, result.output
     assert "strategy=fedadam" in result.output and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "avg"), "--metric", "fid_domain_test",
-                                      "--plot", str(plot)])
+                                      "--out", str(plot)])
     assert result.exit_code == 1 and "no run has 'fid_domain_test'" in result.output

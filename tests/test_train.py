@@ -345,7 +345,7 @@ def test_readers_count_a_round_recorded_twice_once(tmp_path):
     done = CliRunner().invoke(app, ["privacy", str(out)])
     assert done.exit_code == 0 and "2 rounds" in done.output and "records rounds [2] twice" in done.output
     # compare without --metric on a run never evaluated: the per-round test loss, said in the title; words whole
-    done = CliRunner().invoke(app, ["compare", str(out), "--plot", str(tmp_path / "c.png")])
+    done = CliRunner().invoke(app, ["compare", str(out), "--out", str(tmp_path / "c.png")])
     assert done.exit_code == 0, done.output
     assert "global_test_loss (no run was evaluated: the per-round global_test_loss instead of fid_domain_test)" \
         in " ".join(done.output.split())  # the title wraps between words, never inside one

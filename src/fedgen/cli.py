@@ -8,38 +8,66 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from fedgen import config as config_mod
 from fedgen.core.errors import FedgenError, UsageError
+from fedgen.core.paths import image_output
 from fedgen.core.progress import progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated training of generative image models across data silos.")
-# Output to a file or a pipe is not folded at 80 columns (tables would break words across lines)
-console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def _console(stderr: bool = False) -> Console:
+    """On a terminal, its own width; anywhere else (a pipe, a log file, CI) no wrapping at all, so an error or a
+    config line stays one line for grep and for pasting, and tables keep every column. Colour only on a terminal
+    (rich's default)."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, width=None if tty else 10_000, soft_wrap=not tty)
+
+
+console = _console()
+err = _console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print("[bold red]error:[/] " + escape(message), highlight=False)
     raise typer.Exit(code)
 
 
 @contextmanager
-def _user_errors():
+def _user_errors(interrupted: str | Callable[[], str] = "interrupted; nothing was written"):
     """fedgen's own errors (bad input, a state the user can fix) become one line and exit 1 (or the error's own
-    exit_code); anything else is a bug and keeps its traceback."""
+    exit_code); Ctrl-C says what it left behind (exit 130); anything else is a bug and keeps its traceback."""
     try:
         yield
     except FedgenError as exc:
         _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail(interrupted() if callable(interrupted) else interrupted, 130)
+
+
+def _interrupted_training(out: Path, rounds: int) -> str:
+    from fedgen.federation.rundir import RunDir
+
+    done = len(RunDir(out).round_records()) if (out / "metrics.jsonl").exists() else 0
+    return (f"interrupted: {out} keeps its last complete round ({done} of {rounds}); rerun the same command to "
+            "resume from it")
+
+
+def _at_least(option: str, value: int, minimum: int, why: str) -> None:
+    """The one wording of a count option that is too small, for every command."""
+    if value < minimum:
+        raise UsageError(f"{option} must be at least {minimum} ({why}), got {value}")
 
 
 # the options `sample` and `evaluate` share
@@ -75,7 +103,9 @@ def presets(name: Annotated[str | None, typer.Argument(help="print this preset a
         typer.echo(f"# preset {name}, every setting; edit, then: fedgen train --preset {name} --config my.toml\n"
                    f"{config_mod.to_toml(cfg)}", nl=False)
         return
-    table = Table("preset", "description")
+    from fedgen.report.tables import folding_table
+
+    table = folding_table("preset", "description")
     for name, raw in config_mod.PRESETS.items():
         table.add_row(name, raw.get("description", ""))
     console.print(table)
@@ -94,6 +124,8 @@ def train(
     certs: Annotated[Path | None, typer.Option(help="--runtime flower: the folder of `fedgen flower certs` "
                                                     "(its ca.crt)")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="--runtime flower: plaintext, no TLS")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also print the resolved config (it is always "
+                                                                  "written to OUT/config.toml)")] = False,
 ) -> None:
     """Train a federated (or centralized) class-conditional diffusion model; resumes an existing run.
 
@@ -126,6 +158,9 @@ def train(
         if overrides:
             origin += " + " + " ".join(f"--set {o}" for o in overrides)
         console.print(f"config: {origin}", highlight=False)
+        if verbose:
+            typer.echo(f"resolved config:\n{config_mod.to_toml(cfg)}", nl=False)  # echo: TOML's [tables] are not markup
+    with _user_errors(lambda: _interrupted_training(out, cfg.fl.rounds)):
         if runtime == "local":
             run_training(cfg, out, console)
         elif runtime == "flower-sim":
@@ -145,8 +180,9 @@ def train(
 
 @app.command()
 def partition(
-    out: Annotated[Path, typer.Option("--out", "-o", help="heatmap PNG")],
     run: Annotated[Path | None, typer.Argument(help="a run directory: draw the split it trains on")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="heatmap image (default with RUN: "
+                                                                 "RUN/partition.png)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name")] = "fashion-mnist",
     clients: Annotated[int, typer.Option(help="number of clients N")] = 10,
     beta: Annotated[float, typer.Option(help="Dirichlet concentration")] = 0.5,
@@ -162,6 +198,10 @@ def partition(
     from fedgen.data.sources import DATASETS, DatasetError, load_dataset
 
     with _user_errors():
+        if out is None and run is None:
+            raise UsageError("--out is needed without a run directory: where to write the heatmap, e.g. "
+                             "--out split.png")
+        out = image_output(out or run / "partition.png")
         if run is not None:
             from fedgen.federation.rundir import RunDir
 
@@ -181,8 +221,9 @@ def partition(
 @app.command()
 def sample(
     run: Annotated[Path, typer.Argument(help="run directory")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="grid PNG")],
-    n: Annotated[int, typer.Option(min=1, help="number of images (rounded up to a full row per class)")] = 64,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="grid image (default: RUN/samples/sample.png, "
+                                                                 "or sample-client-N.png)")] = None,
+    n: Annotated[int, typer.Option(help="number of images (rounded up to a full row per class)")] = 64,
     client: Annotated[int | None, typer.Option(help="sample client N's own final local model")] = None,
     sampler: Annotated[str, typer.Option(help="ddpm (eq. 3) | ddim | dpm-solver | dpm-solver-3 | dpm-solver-sde | "
                                               "unipc (diffusion runs)")] = "ddpm",
@@ -198,6 +239,8 @@ def sample(
     from fedgen.runs.load import load_run_model
 
     with _user_errors():
+        _at_least("--n", n, 1, "images to draw")
+        out = image_output(out or run / "samples" / ("sample.png" if client is None else f"sample-client-{client}.png"))
         loaded = load_run_model(run, client=client, raw=raw)
         labelled = loaded.sampler(sampler, steps, sigma, guidance, False if fp32 else None)  # checks the options
         per_class = math.ceil(n / len(loaded.classes))
@@ -232,6 +275,8 @@ def evaluate(
     from fedgen.runs.evaluate import evaluate_run
 
     with _user_errors(), progress_bar(console) as progress:
+        if n is not None:
+            _at_least("--n", n, 10, "FID and precision/recall need that many generated images")
         record, loaded = evaluate_run(run, client=client, raw=raw, n=n, sampler=sampler, steps=steps, tstr=tstr,
                                       tstr_samples=tstr_samples, inception_weights=inception_weights,
                                       guidance=guidance, fp32=fp32, seed=seed, baselines=baselines,
@@ -249,7 +294,8 @@ def compare(
                                                     "fid_domain_test, global_test_loss (default: fid_domain_test, "
                                                     "else global_test_loss where no run was evaluated)")] = None,
     x: Annotated[str, typer.Option("--x", help="plot against compute (image passes) or rounds")] = "compute",
-    plot: Annotated[Path | None, typer.Option(help="PNG to write (default: compare-METRIC.png here)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="plot image (default: compare-METRIC.png in "
+                                                                 "the first run's directory)")] = None,
 ) -> None:
     """One metric across runs: a table labelled with what differs between their configs, and a PNG plot."""
     from fedgen.runs import compare as cmp
@@ -257,8 +303,10 @@ def compare(
     with _user_errors():
         if x not in ("compute", "rounds"):
             raise UsageError(f"--x must be compute or rounds, got {x!r}")
+        if out is not None:
+            image_output(out)
         series, budget, used = cmp.compare(runs, metric)
-        path = plot or Path(f"compare-{used}.png")
+        path = out or runs[0] / f"compare-{used}.png"
         cmp.plot(series, used, path, x)
     console.print(cmp.table(series, budget, used, fell_back=metric is None and used != cmp.DEFAULT_METRICS[0]))
     console.print(f"plot: {path}")
@@ -293,11 +341,11 @@ def privacy(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
 @app.command()
 def audit(
     run: Annotated[Path, typer.Argument(help="run directory")],
-    n: Annotated[int, typer.Option("--n", min=20, help="members and as many non-members")] = 1000,
-    generated: Annotated[int, typer.Option(min=10, help="generated images (distance attack, memorisation)")] = 2000,
+    n: Annotated[int, typer.Option("--n", help="members and as many non-members")] = 1000,
+    generated: Annotated[int, typer.Option(help="generated images (distance attack, memorisation)")] = 2000,
     silo: Annotated[int | None, typer.Option(help="members from this silo only (default: all silos)")] = None,
-    timesteps: Annotated[int, typer.Option(min=1, help="loss attack: timesteps scanned")] = 8,
-    draws: Annotated[int, typer.Option(min=1, help="loss attack: noise draws per timestep")] = 2,
+    timesteps: Annotated[int, typer.Option(help="loss attack: timesteps scanned")] = 8,
+    draws: Annotated[int, typer.Option(help="loss attack: noise draws per timestep")] = 2,
     copy_ratio: Annotated[float, typer.Option(help="near-copy: nearest / mean of 50 nearest below this")] = 1 / 3,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -308,6 +356,10 @@ def audit(
     from fedgen.runs.load import load_run_model
 
     with _user_errors():
+        _at_least("--n", n, 20, "members, and as many non-members, for the attacks' ROC")
+        _at_least("--generated", generated, 10, "images for the distance attack and memorisation")
+        _at_least("--timesteps", timesteps, 1, "timesteps the loss attack scans")
+        _at_least("--draws", draws, 1, "noise draws per timestep")
         loaded = load_run_model(run)
         with progress_bar(console) as progress:
             record = audit_run(run, loaded, n=n, generated=generated, silo=silo, seed=seed, timesteps=timesteps,
@@ -325,7 +377,7 @@ app.add_typer(flower, name="flower")
 @flower.command("certs")
 def flower_certs(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the CA, the SuperLink's certificate and keys")],
-    nodes: Annotated[int, typer.Option(min=1, help="number of SuperNode key pairs (node-1 .. node-N)")] = 2,
+    nodes: Annotated[int, typer.Option(help="number of SuperNode key pairs (node-1 .. node-N)")] = 2,
     host: Annotated[list[str] | None, typer.Option(help="a name or IP nodes dial the SuperLink by (repeatable; "
                                                         "localhost and 127.0.0.1 are always included)")] = None,
 ) -> None:
@@ -333,6 +385,7 @@ def flower_certs(
     from fedgen.runtimes.flower.deploy.certs import write_certs
 
     with _user_errors():
+        _at_least("--nodes", nodes, 1, "one key pair per SuperNode")
         written = write_certs(out, nodes, list(host or []))
     console.print(f"wrote {', '.join(p.name for p in written)} to {out}\n"
                   f"the SuperLink machine needs ca.crt, superlink.crt, superlink.key and the node-*.pub files; "
@@ -397,7 +450,7 @@ def flower_supernode(
 @flower.command("register")
 def flower_register(
     public_key: Annotated[Path, typer.Argument(help="a node's public key (node-i.pub)")],
-    superlink: Annotated[str, typer.Option(help="the SuperLink, HOST:PORT")] = "127.0.0.1:8000",
+    superlink: Annotated[str, typer.Option(help="the SuperLink, HOST:PORT")],
     certs: Annotated[Path | None, typer.Option(help="folder holding ca.crt")] = None,
 ) -> None:
     """Register one more SuperNode key with a running SuperLink."""
@@ -412,5 +465,23 @@ def flower_register(
             home.close()
 
 
+def main() -> None:
+    """The installed `fedgen` command: `app` with a command line that cannot be parsed (a missing option, a value
+    of the wrong type) said in one `error:` line too, exit 2, naming the command's --help."""
+    try:
+        code = app(standalone_mode=False, prog_name="fedgen")
+    except click.exceptions.NoArgsIsHelpError as exc:  # `fedgen` or `fedgen flower` alone: the help
+        typer.echo(exc.ctx.get_help())
+        code = 0
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "fedgen"
+        err.print("[bold red]error:[/] " + escape(f"{exc.format_message()} (see {where} --help)"), highlight=False)
+        code = 2
+    except click.Abort:  # Ctrl-C outside a command's own handling (while parsing, or before it started)
+        err.print("[bold red]error:[/] interrupted", highlight=False)
+        code = 130
+    sys.exit(code or 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from fedgen.config import Config, EvalConfig
 from fedgen.core.paths import cache_dir
 from fedgen.core.progress import task
-from fedgen.data.sources import ImageDataset
+from fedgen.data.sources import DatasetError, ImageDataset
 from fedgen.data.transforms import to_tensor
 from fedgen.evaluation.features import Extractor, domain_extractor
 from fedgen.evaluation.generative import generative_metrics
@@ -67,9 +67,23 @@ def inception_weights_path(ev: EvalConfig) -> str | None:
     return ev.inception_weights or os.environ.get("FEDGEN_INCEPTION_WEIGHTS")
 
 
+MIN_REAL_TEST_IMAGES = 10  # precision/recall take k=3 nearest neighbours among the real test images
+_said: set[str] = set()
+
+
+def check_evaluable(ds: ImageDataset) -> None:
+    """A dataset too small to score (a few test images of a small image folder) is the user's to fix: said before
+    any classifier is trained or image generated."""
+    n = len(ds.test.labels)
+    if n < MIN_REAL_TEST_IMAGES:
+        raise DatasetError(f"{ds.name}'s test split has {n} images; evaluation needs at least {MIN_REAL_TEST_IMAGES} "
+                           "(add images, or a larger data.test_fraction for a folder without a test/ split)")
+
+
 def evaluate_model(sampler, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, seed: int = 0, log=print,
                    progress: Progress | None = None) -> dict:
     """All metrics of a labelled sampler (diffusion/pipeline.py) against the real splits of `ds`."""
+    check_evaluable(ds)
     device = sampler.device
     t0 = time.perf_counter()
     extractor, info = domain_extractor(ds, device=device, epochs=ev.classifier_epochs, log=log)
@@ -78,7 +92,8 @@ def evaluate_model(sampler, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, se
     weights = inception_weights_path(ev)
     if weights:
         extractors.append(inception_extractor(weights, device=device))
-    else:
+    elif "no-inception" not in _said:  # once per process, not at every evaluation of a run
+        _said.add("no-inception")
         log("no Inception weights given (--inception-weights or FEDGEN_INCEPTION_WEIGHTS): domain metrics only")
     n = ev.samples or len(ds.test.labels)
     fake = generate(sampler, labels_like(ds.test.labels, n, ds.num_classes), seed, progress, "(FID set)")

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fedgen import config as config_mod
 from fedgen.config import Config
 from fedgen.core.device import resolve_device
 from fedgen.core.errors import FedgenError
@@ -47,7 +46,7 @@ def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederat
         try:
             console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
                           f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
-            console.print("resolved config:\n" + config_mod.to_toml(cfg), highlight=False, markup=False)
+            console.print(f"resolved config: {run.path / 'config.toml'}", highlight=False)
             with open_federation(cfg, run, device, console) as fed:  # bad data fails here, before anything is written
                 return _train(cfg, run, device, fed, console, make_algorithm)
         finally:  # in-process silos set it too; leave the caller's process as it was
@@ -82,6 +81,7 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed: Federation, cons
         console.print(f"run already has {start} rounds (fl.rounds={rounds}); nothing to train")
         _write_final_samples(ctx, algorithm, rounds)
         return run
+    said_privacy = None  # a round line names the privacy state when it changes (every round under DP), not always
     with progress_bar(console) as progress:
         ctx.progress = progress
         rounds_task = progress.add_task("rounds", total=rounds, completed=start)
@@ -94,8 +94,11 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed: Federation, cons
             # or killed evaluation never loses the round and a resume never repeats it.
             run.log(record)
             run.save_checkpoint(algorithm.checkpoint(r + 1, meta), silo_models, keep=cfg.log.keep_checkpoints)
+            privacy = privacy_summary(record["privacy"])
             console.print(f"round {r + 1}/{rounds}: {algorithm.summary(record)}, "
-                          f"{privacy_summary(record['privacy'])}, {record['time_s']:.1f}s", highlight=False)
+                          + ("" if privacy == said_privacy else f"{privacy}, ") + f"{record['time_s']:.1f}s",
+                          highlight=False)
+            said_privacy = privacy
             progress.advance(rounds_task)
             last_round = r + 1 == rounds
             if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):

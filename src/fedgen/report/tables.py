@@ -8,6 +8,14 @@ from rich.table import Table
 from fedgen.privacy.ledger import summary
 
 
+def folding_table(*headers: str, title: str | None = None) -> Table:
+    """A table whose cells fold onto more lines when the page is narrow, never cut with "…" (paths, run names)."""
+    out = Table(title=title)
+    for header in headers:
+        out.add_column(header, overflow="fold")
+    return out
+
+
 def number(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
@@ -17,7 +25,7 @@ def number(value) -> str:
 def record_table(record: dict, title: str, compact: bool = False) -> Table:
     """One row per key of a metrics record (not its event, round and model). `compact` (audits): tiny values in 4
     significant digits, lists of floats to 4 decimals, the per-timestep calibration lists left out."""
-    table = Table("metric", "value", title=title)
+    table = folding_table("metric", "value", title=title)
     for key, value in record.items():
         if key in ("event", "round", "model") or (compact and key.endswith("_by_timestep")):
             continue
@@ -32,7 +40,7 @@ def record_table(record: dict, title: str, compact: bool = False) -> Table:
 
 def tstr_table(record: dict) -> Table:
     """The PGA paper's Tables 1-2: each silo's own CNN against one trained on the global model's samples."""
-    table = Table("CNN trained on", "accuracy on the real test set", title="train on synthetic, test on real")
+    table = folding_table("CNN trained on", "accuracy on the real test set", title="train on synthetic, test on real")
     table.add_row("each silo's own real data (mean)", f"{record['local_real_accuracy_mean']:.4f}")
     table.add_row(f"{record['tstr_generated']} generated images (global)", f"{record['tstr_accuracy']:.4f}")
     table.add_row("all real training data", f"{record['real_train_real_test_accuracy']:.4f}")
@@ -43,8 +51,8 @@ def tstr_table(record: dict) -> Table:
 def ledger_table(entry: dict) -> Table:
     """A round record's `privacy` entry: epsilon and every input of it, per silo (or the server's account)."""
     parties = {"server": entry["server"]} if "server" in entry else entry["parties"]
-    table = Table("party", "epsilon", "delta", "noise multiplier σ", "sampling rate q", "steps", "planned steps",
-                  title=f"{entry['unit']}-level DP ({entry['mode']}), {entry['accountant']}")
+    table = folding_table("party", "epsilon", "delta", "noise multiplier σ", "sampling rate q", "steps",
+                          "planned steps", title=f"{entry['unit']}-level DP ({entry['mode']}), {entry['accountant']}")
     for name, rep in parties.items():
         table.add_row(f"silo {name}" if name != "server" else "server (K of N clients)", f"{rep['epsilon']:.4g}",
                       f"{rep['delta']:g}", f"{rep['noise_multiplier']:.4g}", f"{rep['sample_rate']:.4g}",
