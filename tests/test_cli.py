@@ -18,7 +18,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(out), "--set", "fl.rounds=1"])
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(out), "--set", "fl.rounds=1"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
 def test_presets_lists_every_preset():
     result = runner.invoke(app, ["presets"])
     assert result.exit_code == 0
-    for name in ("smoke", "fmnist-quick", "paper-cifar10-n50", "paper-ct"):
+    for name in ("tiny", "fmnist-quick", "paper-cifar10-n50", "paper-ct"):
         assert name in result.output
     assert len(PRESETS) >= 30
 
@@ -60,7 +60,7 @@ def test_version():
 @pytest.fixture(scope="module")
 def trained_output(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run2"
-    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(out), "--set", "fl.rounds=1"])
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(out), "--set", "fl.rounds=1"])
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -69,7 +69,7 @@ def test_train_prints_config_and_device(trained, trained_output):
     assert (trained / "samples" / "final.png").exists()
     text = " ".join(trained_output.split())
     assert "on cpu (" in text and "CPU threads" in text  # the device it trains on
-    assert "config: preset smoke + --set fl.rounds=1" in text  # where the config came from
+    assert "config: preset tiny + --set fl.rounds=1" in text  # where the config came from
     # the resolved config is a file of the run, printed only with --verbose (one line says where it is)
     assert re.search(r"resolved config: \S+/run2/config\.toml", text)
     assert 'dataset = "digits"' not in trained_output and len(trained_output.splitlines()) < 15
@@ -101,7 +101,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
         raise ValueError("an internal bug")
 
     monkeypatch.setattr("fedgen.runtimes.local.train", broken)
-    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(tmp_path / "r")])
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(tmp_path / "r")])
     assert isinstance(result.exception, ValueError) and "error:" not in result.output
 
 
@@ -185,8 +185,8 @@ def test_partition_table_and_heatmap(tmp_path):
         (["partition", "--dataset", "digits", "--beta", "0", "--out", "x.png"], "beta must be > 0"),
         (["partition", "--dataset", "digits", "--clients", "100000", "--out", "x.png"], "more clients than samples"),
         (["train", "--preset", "nope", "--out", "r"], "unknown preset 'nope'"),
-        (["train", "--preset", "smoke", "--set", "fl.bogus=1", "--out", "r"], "fl.bogus: unknown key"),
-        (["train", "--preset", "smoke", "--set", "data.dataset=mnist", "--out", "r"], "FEDGEN_DATA"),
+        (["train", "--preset", "tiny", "--set", "fl.bogus=1", "--out", "r"], "fl.bogus: unknown key"),
+        (["train", "--preset", "tiny", "--set", "data.dataset=mnist", "--out", "r"], "FEDGEN_DATA"),
         (["sample", "not-a-run", "--out", "x.png"], "not a fedgen run directory"),
     ],
 )
@@ -206,7 +206,7 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_failed_start_leaves_no_run_behind(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["train", "--preset", "smoke", "--set", "data.dataset=mnist", "--out", "r"])
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--set", "data.dataset=mnist", "--out", "r"])
     assert result.exit_code == 1
     assert not (tmp_path / "r" / "config.toml").exists()  # fixing the config and rerunning is not "a change"
 
@@ -286,7 +286,7 @@ def test_evaluate_on_a_folder_too_small_to_score_is_one_line(tmp_path, monkeypat
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(tmp_path / "data" / "a" / f"{i}.png")
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(run), "--set", "fl.rounds=1",
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(run), "--set", "fl.rounds=1",
                                  "--set", "data.dataset=image-folder", "--set", f"data.path={tmp_path / 'data'}",
                                  "--set", "data.image_size=8", "--set", "data.channels=1", "--set", "fl.clients=1",
                                  "--set", "fl.clients_per_round=1", "--set", "data.partition=iid"])
@@ -320,14 +320,14 @@ def test_ctrl_c_during_training_says_how_to_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr("fedgen.runtimes.local.train", interrupted)
     run = tmp_path / "r"
-    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(run)])
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(run)])
     assert result.exit_code == 130
     assert result.output.splitlines()[-1] == (f"error: interrupted: {run} keeps its last complete round (1 of 2); "
                                               "rerun the same command to resume from it")
 
 
 def test_round_lines_name_an_unchanging_privacy_state_once(tmp_path):
-    result = runner.invoke(app, ["train", "--preset", "smoke", "--out", str(tmp_path / "r")])
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     rounds = [line for line in result.output.splitlines() if line.startswith("round ")]
     assert len(rounds) == 2

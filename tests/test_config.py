@@ -33,10 +33,10 @@ def test_toml_file_then_overrides(tmp_path):
 
 
 def test_save_and_read_round_trip(tmp_path):
-    cfg = C.load("smoke", overrides=["fl.rounds=3"])
+    cfg = C.load("tiny", overrides=["fl.rounds=3"])
     C.save(cfg, tmp_path / "c.toml")
     assert C.read(tmp_path / "c.toml") == cfg
-    assert C.diff(cfg, C.load("smoke")) == {"fl.rounds": (3, 2)}
+    assert C.diff(cfg, C.load("tiny")) == {"fl.rounds": (3, 2)}
 
 
 @pytest.mark.parametrize(
@@ -52,12 +52,12 @@ def test_save_and_read_round_trip(tmp_path):
 )
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(C.ConfigError) as exc:
-        C.load("smoke", overrides=overrides)
+        C.load("tiny", overrides=overrides)
     assert message in str(exc.value)
 
 
 def test_unknown_preset_and_missing_file(tmp_path):
-    with pytest.raises(C.ConfigError, match="unknown preset 'nope'; available: smoke, fmnist-quick"):
+    with pytest.raises(C.ConfigError, match="unknown preset 'nope'; available: smoke, tiny, fmnist-quick"):
         C.load("nope")
     with pytest.raises(C.ConfigError, match="not found"):
         C.load(config_path=tmp_path / "missing.toml")
@@ -71,24 +71,24 @@ def test_values_of_the_wrong_type_are_refused_not_coerced(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[fl]\nrounds = "3"\n')
     with pytest.raises(C.ConfigError, match="fl.rounds: Input should be a valid integer"):
-        C.load("smoke", config_path=path)
+        C.load("tiny", config_path=path)
     with pytest.raises(C.ConfigError, match="fl.rounds: Input should be a valid integer"):
-        C.load("smoke", overrides=["fl.rounds=abc"])
+        C.load("tiny", overrides=["fl.rounds=abc"])
     path.write_text('[train]\nbf16 = "yes"\n')
     with pytest.raises(C.ConfigError, match="train.bf16: Input should be a valid boolean"):
-        C.load("smoke", config_path=path)
+        C.load("tiny", config_path=path)
     # text fields take --set values as text
-    assert C.load("smoke", overrides=["description=2024"]).description == "2024"
-    assert C.load("smoke", overrides=["train.lr=1"]).train.lr == 1.0  # an integer is a valid float
+    assert C.load("tiny", overrides=["description=2024"]).description == "2024"
+    assert C.load("tiny", overrides=["train.lr=1"]).train.lr == 1.0  # an integer is a valid float
 
 
 @pytest.mark.parametrize(("preset", "override", "message"), [
-    ("smoke", "data.path=/some/where", "data.path: data.dataset=digits is bundled with scikit-learn"),
-    ("smoke", "pga.width=8", "pga.width: used only by algorithm=pga"),
+    ("tiny", "data.path=/some/where", "data.path: data.dataset=digits is bundled with scikit-learn"),
+    ("tiny", "pga.width=8", "pga.width: used only by algorithm=pga"),
     ("pga-smoke", "diffusion.timesteps=10", "diffusion.timesteps: used only by algorithm=feddm"),
     ("pga-smoke", "train.ema_decay=0.9", "train.ema_decay: used only by algorithm=feddm"),
-    ("smoke", "fl.prox_mu=0.1", "fl.prox_mu: used only with fl.strategy=fedprox"),
-    ("smoke", "fl.server_momentum=0.5", "fl.server_momentum: used only with fl.strategy=fedavgm"),
+    ("tiny", "fl.prox_mu=0.1", "fl.prox_mu: used only with fl.strategy=fedprox"),
+    ("tiny", "fl.server_momentum=0.5", "fl.server_momentum: used only with fl.strategy=fedavgm"),
 ])
 def test_a_setting_the_run_would_ignore_is_an_error(preset, override, message):
     with pytest.raises(C.ConfigError, match="settings this run would ignore") as caught:

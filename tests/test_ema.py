@@ -20,7 +20,7 @@ BASE = ["train.cpu_threads=1", "fl.rounds=3", "log.keep_checkpoints=5", "train.e
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ema") / "run"
-    train(C.load("smoke", overrides=BASE), out, QUIET)
+    train(C.load("tiny", overrides=BASE), out, QUIET)
     return out
 
 
@@ -42,8 +42,8 @@ def test_ema_follows_its_definition(ema_run):
 
 def test_ema_resumes_bit_exactly(ema_run, tmp_path):
     out = tmp_path / "ext"
-    train(C.load("smoke", overrides=[*BASE, "fl.rounds=2"]), out, QUIET)
-    train(C.load("smoke", overrides=BASE), out, QUIET)
+    train(C.load("tiny", overrides=[*BASE, "fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=BASE), out, QUIET)
     a, b = (load_file(d / "checkpoints" / "round_0003" / "ema.safetensors") for d in (ema_run, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -65,5 +65,5 @@ def test_sample_and_evaluate_use_the_ema_unless_raw(ema_run, tmp_path, monkeypat
 
 def test_ema_off_keeps_no_average(tmp_path):
     out = tmp_path / "off"
-    train(C.load("smoke", overrides=["train.cpu_threads=1", "fl.rounds=1", "train.ema_decay=0"]), out, QUIET)
+    train(C.load("tiny", overrides=["train.cpu_threads=1", "fl.rounds=1", "train.ema_decay=0"]), out, QUIET)
     assert not (out / "checkpoints" / "round_0001" / "ema.safetensors").exists()

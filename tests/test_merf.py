@@ -183,14 +183,14 @@ def test_merf_config_checks(overrides, message):
 
 def test_dp_release_and_merf_settings_belong_to_merf():
     with pytest.raises(C.ConfigError, match="dp-release is DP-MERF's one-shot release"):
-        C.load("smoke", overrides=["privacy.mode=dp-release", "privacy.target_epsilon=5"])
+        C.load("tiny", overrides=["privacy.mode=dp-release", "privacy.target_epsilon=5"])
     with pytest.raises(C.ConfigError, match="merf.features: used only by algorithm=merf"):
-        C.load("smoke", overrides=["merf.features=100"])
+        C.load("tiny", overrides=["merf.features=100"])
 
 
 def test_a_privacy_budget_alone_gets_the_record_level_mode_and_says_so():
     notes: list[str] = []
-    cfg = C.load("smoke", overrides=["privacy.target_epsilon=5"], notes=notes)
+    cfg = C.load("tiny", overrides=["privacy.target_epsilon=5"], notes=notes)
     assert cfg.privacy.mode == "dp-sgd" and "record-level dp-sgd" in notes[0] and C.DP_RECIPE in notes[0]
     notes.clear()
     with pytest.raises(C.ConfigError, match="privacy.noise_multiplier: used only with a privacy mode: set "

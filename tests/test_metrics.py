@@ -129,7 +129,7 @@ def test_tstr_defaults_to_the_training_set_size_and_class_counts(digits_domain, 
     monkeypatch.setattr(E, "generate", fake_generate)
     from fedgen.diffusion.pipeline import DiffusionSampler
 
-    cfg = C.load("smoke")
+    cfg = C.load("tiny")
     generator = DiffusionSampler(torch.nn.Linear(1, 1), cfg.diffusion, (1, 8, 8), None)
     ev = cfg.eval.model_copy(update={"tstr": True, "classifier_epochs": 6})
     record = E.evaluate_model(generator, cfg, ds, ev, log=lambda m: None)
@@ -156,7 +156,7 @@ def test_label_agreement_is_the_domain_classifiers_accuracy_on_the_samples(digit
         return E.Generated(images, (labels + shift["label"]) % 10, 0.0)
 
     monkeypatch.setattr(E, "generate", real_as_generated)
-    cfg = C.load("smoke")
+    cfg = C.load("tiny")
     sampler = DiffusionSampler(torch.nn.Linear(1, 1), cfg.diffusion, (1, 8, 8), None)
     ev = cfg.eval.model_copy(update={"classifier_epochs": 6})
     record = E.evaluate_model(sampler, cfg, ds, ev, log=lambda m: None)

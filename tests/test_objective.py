@@ -82,7 +82,7 @@ def test_a_run_records_its_objective_and_trains_with_it(tmp_path):
     for name, sets in (("paper", []), ("v", ["diffusion.prediction=v", "diffusion.min_snr_gamma=5"]),
                        ("v-uniform", ["diffusion.prediction=v"])):
         out = tmp_path / name
-        train(C.load("smoke", overrides=["fl.rounds=1", *sets]), out, QUIET)
+        train(C.load("tiny", overrides=["fl.rounds=1", *sets]), out, QUIET)
         states[name] = RunDir(out).load_checkpoint().global_state
     saved = C.load(config_path=tmp_path / "v" / "config.toml")
     assert (saved.diffusion.prediction, saved.diffusion.min_snr_gamma) == ("v", 5.0)
@@ -109,7 +109,7 @@ def test_the_round_learning_rate_reaches_adam_even_with_carried_state():
     from fedgen.data.silos import SiloData
     from fedgen.nn.unet import build_unet
 
-    cfg = C.load("smoke")
+    cfg = C.load("tiny")
     model = build_unet(cfg.model, (1, 8, 8), 3)
     data = SiloData(torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 3)
     settings = TrainSettings(epochs=1, batch_size=8, lr=1e-3, hflip=False, bf16=False, seed=0, keep_optimizer=True,
@@ -123,13 +123,13 @@ def test_the_round_learning_rate_reaches_adam_even_with_carried_state():
 
 def test_lr_final_ratio_without_a_decay_is_refused():
     with pytest.raises(C.ConfigError, match="train.lr_final_ratio.*set train.lr_decay_rounds"):
-        C.load("smoke", overrides=["train.lr_final_ratio=0.5"])
+        C.load("tiny", overrides=["train.lr_final_ratio=0.5"])
 
 
 def test_the_paper_presets_keep_the_papers_objective_and_the_default_job_does_not():
     for name in C.PRESETS:
         d = C.load(name).diffusion
-        if name.startswith("paper-") or name == "smoke":
+        if name.startswith("paper-") or name == "tiny":
             assert (d.prediction, d.min_snr_gamma) == ("epsilon", None), name
     d = C.load("fmnist-quick").diffusion
     assert (d.prediction, d.min_snr_gamma) == ("v", 5.0)

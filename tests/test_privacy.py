@@ -68,7 +68,7 @@ def test_solved_noise_multiplier_meets_the_target(kind, target, q, steps):
 
 
 def test_delta_must_be_below_one_over_the_dataset():
-    cfg = C.load("smoke", overrides=["privacy.mode=dp-sgd", "privacy.target_epsilon=5", "privacy.delta=0.01"])
+    cfg = C.load("tiny", overrides=["privacy.mode=dp-sgd", "privacy.target_epsilon=5", "privacy.delta=0.01"])
     with pytest.raises(PrivacyBudgetError, match=r"privacy.delta=0.01 is not below 1/200"):
         open_account(cfg.privacy, 0.1, 100, 200)
     assert open_account(cfg.privacy, 0.1, 100, 99).noise_multiplier > 0
@@ -83,7 +83,7 @@ def test_delta_must_be_below_one_over_the_dataset():
 ])
 def test_bad_privacy_config_names_the_field(overrides, message):
     with pytest.raises(C.ConfigError, match=message):
-        C.load("smoke", overrides=overrides)
+        C.load("tiny", overrides=overrides)
 
 
 def test_client_dp_is_refused_for_pga():
@@ -209,7 +209,7 @@ def _reports(run_dir):
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp") / "run"
-    train(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=4"]), out, QUIET)
+    train(C.load("tiny", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=4"]), out, QUIET)
     return out
 
 
@@ -241,8 +241,8 @@ def test_resuming_a_dp_run_continues_the_accountant(dp_run, tmp_path):
     an uninterrupted run in the same directory's secret, and differs from another directory's (the noise is not a
     function of the config)."""
     out = tmp_path / "ext"
-    train(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), out, QUIET)
-    train(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=4"]), out, QUIET)
+    train(C.load("tiny", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=4"]), out, QUIET)
     a, b = _reports(dp_run)[-1], _reports(out)[-1]
     assert {s: (r["steps"], r["epsilon"]) for s, r in a["parties"].items()} == \
         {s: (r["steps"], r["epsilon"]) for s, r in b["parties"].items()}
@@ -252,10 +252,10 @@ def test_resuming_a_dp_run_continues_the_accountant(dp_run, tmp_path):
 
 def test_extending_a_dp_run_keeps_its_noise_multiplier(tmp_path):
     out = tmp_path / "ext"
-    train(C.load("smoke", overrides=[*DP, "privacy.target_epsilon=8", "fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=[*DP, "privacy.target_epsilon=8", "fl.rounds=2"]), out, QUIET)
     first = _reports(out)[-1]
     assert first["epsilon"] == pytest.approx(8, abs=0.011)
-    train(C.load("smoke", overrides=[*DP, "privacy.target_epsilon=8", "fl.rounds=3"]), out, QUIET)
+    train(C.load("tiny", overrides=[*DP, "privacy.target_epsilon=8", "fl.rounds=3"]), out, QUIET)
     last = _reports(out)[-1]
     for silo, rep in first["parties"].items():
         assert last["parties"][silo]["noise_multiplier"] == rep["noise_multiplier"]
@@ -267,7 +267,7 @@ def test_a_killed_dp_round_is_redone_with_the_same_noise(tmp_path, monkeypatch):
     from fedgen.federation import rundir as rundir_mod
 
     out = tmp_path / "killed"
-    train(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), out, QUIET)
     reference = load_file(out / "checkpoints" / "round_0002" / "global.safetensors")
     real_save = rundir_mod.RunDir.save_checkpoint
 
@@ -283,9 +283,9 @@ def test_a_killed_dp_round_is_redone_with_the_same_noise(tmp_path, monkeypatch):
     shutil.copytree(out / "silos", again / "silos")  # the same silos (their secrets), a fresh coordinator
     monkeypatch.setattr(rundir_mod.RunDir, "save_checkpoint", dies)
     with pytest.raises(KeyboardInterrupt):
-        train(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), again, QUIET)
+        train(C.load("tiny", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), again, QUIET)
     monkeypatch.undo()
-    train(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), again, QUIET)
+    train(C.load("tiny", overrides=[*DP, "privacy.noise_multiplier=1.0", "fl.rounds=2"]), again, QUIET)
     redone = load_file(again / "checkpoints" / "round_0002" / "global.safetensors")
     assert all(torch.equal(reference[k], redone[k]) for k in reference)
     assert _reports(again)[-1] == _reports(out)[-1]
@@ -325,7 +325,7 @@ def test_client_update_is_clipped_and_the_server_noise_has_sd_sigma_c_over_k():
 
 def test_a_client_dp_run_reports_the_servers_epsilon(tmp_path):
     out = tmp_path / "cdp"
-    train(C.load("smoke", overrides=["train.cpu_threads=1", "privacy.mode=client-dp", "privacy.noise_multiplier=2",
+    train(C.load("tiny", overrides=["train.cpu_threads=1", "privacy.mode=client-dp", "privacy.noise_multiplier=2",
                                      "privacy.delta=0.01", "privacy.max_grad_norm=0.5", "privacy.accountant=rdp"]),
           out, QUIET)
     ledger = _reports(out)
@@ -430,7 +430,7 @@ def test_audit_and_privacy_commands_on_a_run(dp_run, tmp_path, monkeypatch):
     assert 0 <= record["mia_loss_auc_ci"][0] <= record["mia_loss_auc"] <= record["mia_loss_auc_ci"][1] <= 1
     assert (dp_run / "audit" / "nearest_pairs_round_0004.png").exists()
     plain = tmp_path / "plain"
-    train(C.load("smoke", overrides=["train.cpu_threads=1", "fl.rounds=1"]), plain, QUIET)
+    train(C.load("tiny", overrides=["train.cpu_threads=1", "fl.rounds=1"]), plain, QUIET)
     done = runner.invoke(app, ["privacy", str(plain)])
     assert done.exit_code == 0 and "no formal guarantee" in done.output
 
@@ -449,7 +449,7 @@ def test_a_dp_silo_that_lost_its_state_refuses_and_the_checkpoint_stays(tmp_path
     from fedgen.federation.loop import TrainingAborted
 
     out = tmp_path / "run"
-    train(C.load("smoke", overrides=[*_TWO_SILOS, "fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=[*_TWO_SILOS, "fl.rounds=2"]), out, QUIET)
     folder = RunDir(out).silo_state(0)
     before = load_file(out / "checkpoints" / "round_0002" / "global.safetensors")
     metrics = (out / "metrics.jsonl").read_text()
@@ -464,7 +464,7 @@ def test_a_dp_silo_that_lost_its_state_refuses_and_the_checkpoint_stays(tmp_path
         (folder / "round_0002.pt").unlink()
         why = "fewer than the"
     with pytest.raises(TrainingAborted, match="round 3 aborted: silo 0") as caught:
-        train(C.load("smoke", overrides=[*_TWO_SILOS, "fl.rounds=3"]), out, QUIET)
+        train(C.load("tiny", overrides=[*_TWO_SILOS, "fl.rounds=3"]), out, QUIET)
     assert why in str(caught.value) and str(folder) in str(caught.value)
     assert RunDir(out).committed_rounds() == [1, 2]
     after = load_file(out / "checkpoints" / "round_0002" / "global.safetensors")
@@ -476,7 +476,7 @@ def test_a_dp_silo_that_lost_its_state_refuses_and_the_checkpoint_stays(tmp_path
 def test_the_coordinator_refuses_a_report_that_goes_backwards():
     from fedgen.privacy.ledger import LedgerError, RunPrivacy
 
-    ledger = RunPrivacy(C.load("smoke", overrides=[*DP, "privacy.noise_multiplier=1.0"]), None, 10)
+    ledger = RunPrivacy(C.load("tiny", overrides=[*DP, "privacy.noise_multiplier=1.0"]), None, 10)
     report = {"dp_epsilon": 2.0, "dp_delta": 1e-5, "dp_steps": 40}
     ledger.observe(1, report, 0)
     assert ledger.known_steps(1) == 40 and ledger.known_steps(0) == 0
@@ -495,14 +495,14 @@ def test_a_privacy_setting_without_a_privacy_mode_is_refused_unless_it_is_a_budg
     for setting in ("privacy.delta=1e-6", "privacy.max_grad_norm=2.0"):
         with pytest.raises(C.ConfigError, match=rf"{setting.split('=')[0]}: used only with a privacy mode: set "
                                                 r"privacy.mode=dp-sgd"):
-            C.load("smoke", overrides=[setting])
+            C.load("tiny", overrides=[setting])
     for setting in ("privacy.target_epsilon=10", "privacy.noise_multiplier=1.0"):
         notes: list[str] = []
-        assert C.load("smoke", overrides=[setting], notes=notes).privacy.mode == "dp-sgd"
+        assert C.load("tiny", overrides=[setting], notes=notes).privacy.mode == "dp-sgd"
         assert len(notes) == 1 and "record-level dp-sgd" in notes[0]
     not_a_folder = tmp_path / "file"  # the run cannot start there: the test stops after the config is resolved
     not_a_folder.write_text("")
-    done = CliRunner().invoke(app, ["train", "--preset", "smoke", "--out", str(not_a_folder), "--set",
+    done = CliRunner().invoke(app, ["train", "--preset", "tiny", "--out", str(not_a_folder), "--set",
                                     "privacy.target_epsilon=10"])
     assert done.exit_code != 0 and "note: a privacy budget without privacy.mode: record-level dp-sgd" in done.output
     with pytest.raises(C.ConfigError, match="privacy.noise_multiplicity: used only by FedDM"):

@@ -108,7 +108,7 @@ def test_proximal_term_adds_its_gradient():
 
 
 def _smoke(out, *overrides, rounds=3):
-    cfg = C.load("smoke", overrides=[*SMOKE, f"fl.rounds={rounds}", *overrides])
+    cfg = C.load("tiny", overrides=[*SMOKE, f"fl.rounds={rounds}", *overrides])
     train(cfg, out, QUIET)
     return load_file(out / "checkpoints" / f"round_{rounds:04d}" / "global.safetensors")
 
@@ -258,7 +258,7 @@ def test_resume_with_server_state_equals_uninterrupted(tmp_path, strategy):
 ])
 def test_refused_strategy_combinations_say_why(overrides, message):
     with pytest.raises(C.ConfigError, match=message):
-        C.load("smoke", overrides=overrides)
+        C.load("tiny", overrides=overrides)
     for preset, algorithm in (("pga-smoke", "pga"), ("merf-smoke", "merf")):
         with pytest.raises(C.ConfigError, match=f"algorithm={algorithm} averages no weights"):
             C.load(preset, overrides=["fl.strategy=fedprox"])

