@@ -2,7 +2,7 @@
 and the FedDM paper's orderings (FID against beta, N, E, federated vs centralized).
 
     .venv/bin/python bench/fl_gap.py [--preset fmnist-quick] [--n 2000] [--only fedavg,scaffold] [--set k=v ...]
-    .venv/bin/python bench/fl_gap.py --grid orderings --preset smoke --set fl.rounds=20
+    .venv/bin/python bench/fl_gap.py --grid orderings --preset tiny --set fl.rounds=20
 
 Each variant of the preset is trained from scratch with fedgen's own loop into `--runs/<variant>` (an existing,
 complete run is reused), then `n` images with the test set's class proportions are drawn from its global model

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The privacy measurements of the README and the closing note (CPU-scaled): overfit runs and the default job
+# The privacy measurements of docs/privacy.md and the closing note (CPU-scaled): overfit runs and the default job
 # audited; DP-SGD at eps=10 and eps=1 next to the non-private twin at the same budget; PGA with DP discriminators.
 # Usage: bench/privacy_runs.sh OUT_DIR [PART ...]   PART: overfit default q10 pga overfit40 (default: all);
 #        Q10="dp1" runs only those q10 variants (none dp10 dp1), so that two shells can share the work

@@ -1,6 +1,6 @@
 """Per-round wall time of the same work in-process, on Flower's simulation engine and in a Flower deployment.
 
-    .venv/bin/python bench/runtime_overhead.py [--workloads smoke,fmnist-quick] [--rounds 3]
+    .venv/bin/python bench/runtime_overhead.py [--workloads tiny,fmnist-quick] [--rounds 3]
         [--runtimes local,flower-sim,flower] [--out bench/results/runtime_overhead.json]
 
 Workloads are presets (FedDM or PGA; for PGA the table adds generator steps per second). Each (workload, runtime)
@@ -58,7 +58,7 @@ def _deployed(preset: str, rounds: int, out: Path, clients: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default="smoke,fmnist-quick")
+    ap.add_argument("--workloads", default="tiny,fmnist-quick")
     ap.add_argument("--runtimes", default="local,flower-sim,flower")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results/runtime_overhead.json"))
