@@ -140,13 +140,13 @@ def test_round_completes_with_survivors_or_stops_per_min_clients(tmp_path, monke
 
     monkeypatch.setattr(local_mod.InProcessPool, "send", silo_1_dies_in_round_2)
     out = tmp_path / "survivors"
-    train(C.load("smoke", overrides=[*OVERRIDES, "fl.rounds=2"]), out, QUIET)
+    train(C.load("tiny", overrides=[*OVERRIDES, "fl.rounds=2"]), out, QUIET)
     record = [r for r in RunDir(out).read_metrics() if r["event"] == "round"][-1]
     assert record["aggregated"] == [0] and record["rejected"] == {"1": "no reply within 5s"}
     stopped = tmp_path / "stopped"
     with pytest.raises(TrainingAborted, match=r"round 2 aborted: 1 of 2 clients .* fl.min_clients=2 .*client 1: no "
                                               r"reply within 5s.*checkpoint .* is round 1"):
-        train(C.load("smoke", overrides=[*OVERRIDES, "fl.rounds=2", "fl.min_clients=2"]), stopped, QUIET)
+        train(C.load("tiny", overrides=[*OVERRIDES, "fl.rounds=2", "fl.min_clients=2"]), stopped, QUIET)
     assert RunDir(stopped).committed_rounds() == [1]
 
 
@@ -162,7 +162,7 @@ def test_a_silo_whose_data_has_other_classes_refuses_the_run(tmp_path):
         (tmp_path / "silo" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "silo" / cls / f"{i}.png")
-    cfg = C.load("smoke", overrides=["data.dataset=image-folder", "data.image_size=8", "data.channels=1"])
+    cfg = C.load("tiny", overrides=["data.dataset=image-folder", "data.image_size=8", "data.channels=1"])
     run = {"config": C.to_dict(cfg), "id": "test"}
     describe = Request(-1, "describe", config={"classes": [str(k) for k in range(10)], "image_shape": [1, 8, 8]})
     msg = codec.request_message(describe, run, node_id=7, ttl=10.0, group="0")
@@ -205,7 +205,7 @@ def extended_reference(tmp_path_factory):
     """In-process, uninterrupted: the DP-SGD + SCAFFOLD run 3 rounds, the DP PGA run 2 rounds."""
     root = tmp_path_factory.mktemp("reference")
     feddm, pga = root / "feddm", root / "pga"
-    for out, preset, overrides, rounds in ((feddm, "smoke", DP_SCAFFOLD, 3), (pga, "pga-smoke", PGA_DP, 2)):
+    for out, preset, overrides, rounds in ((feddm, "tiny", DP_SCAFFOLD, 3), (pga, "pga-smoke", PGA_DP, 2)):
         _pin_secrets(out / "silos")
         train(C.load(preset, overrides=[*overrides, f"fl.rounds={rounds}"]), out, QUIET)
     return feddm, pga
@@ -223,8 +223,8 @@ def test_an_extended_run_on_simulation_keeps_every_silos_state(extended_referenc
     out = tmp_path / "sim"
     _pin_secrets(out / "silos")
     sim = ["runtime.sim_cpus=2"]
-    train_simulation(C.load("smoke", overrides=[*DP_SCAFFOLD, *sim, "fl.rounds=2"]), out, QUIET)
-    train_simulation(C.load("smoke", overrides=[*DP_SCAFFOLD, *sim, "fl.rounds=3", "runtime.round_timeout_s=300"]),
+    train_simulation(C.load("tiny", overrides=[*DP_SCAFFOLD, *sim, "fl.rounds=2"]), out, QUIET)
+    train_simulation(C.load("tiny", overrides=[*DP_SCAFFOLD, *sim, "fl.rounds=3", "runtime.round_timeout_s=300"]),
                      out, QUIET)
     _assert_same(_global(out, 3), _global(feddm_ref, 3))
     control = [torch.load(d / "checkpoints" / "round_0003" / "optimizer.pt")["scaffold_control"]
@@ -355,8 +355,8 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
         # DP-SGD + SCAFFOLD, extended (no per-round loss evaluation: half the message rounds, same weights)
         out = tmp_path / "fed"
         _new_run(out, states)
-        _train_on(superlink, certs, out, "smoke", *DP_SCAFFOLD, "fl.rounds=2", "log.loss_eval_samples=0")
-        _train_on(superlink, certs, out, "smoke", *DP_SCAFFOLD, "fl.rounds=3", "log.loss_eval_samples=0",
+        _train_on(superlink, certs, out, "tiny", *DP_SCAFFOLD, "fl.rounds=2", "log.loss_eval_samples=0")
+        _train_on(superlink, certs, out, "tiny", *DP_SCAFFOLD, "fl.rounds=3", "log.loss_eval_samples=0",
                   "runtime.round_timeout_s=120")
         _assert_same(_global(out, 3), _global(feddm_ref, 3))
         _assert_same(*[torch.load(d / "checkpoints" / "round_0003" / "optimizer.pt")["scaffold_control"]
@@ -398,7 +398,7 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
 
         # Ctrl-C in round 2: the run stops on the SuperLink; the rerun gives one record per round
         # (a terminal's Ctrl-C; a shell's background job, such as a CI step, inherits SIGINT ignored)
-        proc = subprocess.Popen(_train_cmd(superlink, certs, own, "smoke", *image_folder, "fl.rounds=3"),
+        proc = subprocess.Popen(_train_cmd(superlink, certs, own, "tiny", *image_folder, "fl.rounds=3"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         _wait_for_round(own, 1, proc)
@@ -411,7 +411,7 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
         while _running("flwr-serverapp") and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not _running("flwr-serverapp")
-        _train_on(superlink, certs, own, "smoke", *image_folder, "fl.rounds=3")
+        _train_on(superlink, certs, own, "tiny", *image_folder, "fl.rounds=3")
         raw = [json.loads(line) for line in (own / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in raw if r["event"] == "round"] == [1, 2, 3]
         from fedgen.data.sources import load_dataset
@@ -427,7 +427,7 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
         assert len(node1) == 1
         os.kill(int(node1[0]), signal.SIGKILL)
         dead = [*image_folder, "runtime.round_timeout_s=30", "runtime.wait_for_nodes_s=2"]
-        proc = subprocess.Popen(_train_cmd(superlink, certs, own, "smoke", *dead, "fl.rounds=100"),
+        proc = subprocess.Popen(_train_cmd(superlink, certs, own, "tiny", *dead, "fl.rounds=100"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for_round(own, 4, proc)
         last = RunDir(own).round_records()[-1]
@@ -464,7 +464,7 @@ def test_unreachable_superlink_is_a_clear_error_in_bounded_time(tmp_path):
     assert node.returncode == 1
     assert "could not reach the SuperLink at 127.0.0.1:9 within 3s" in " ".join(node.stderr.split())
     run = subprocess.run([str(BIN / "fedgen"), "train", "--runtime", "flower", "--superlink", "127.0.0.1:9",
-                          "--certs", str(certs), "--preset", "smoke", "--out", str(tmp_path / "r")],
+                          "--certs", str(certs), "--preset", "tiny", "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "could not start the run on the SuperLink at 127.0.0.1:9" in \
         " ".join(run.stderr.split())

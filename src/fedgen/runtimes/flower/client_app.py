@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from fedgen import config as config_mod
 from fedgen.algorithms.silos import make_workers
 from fedgen.core.device import resolve_device
-from fedgen.core.errors import SiloStateError
+from fedgen.core.errors import FedgenError, SiloStateError, UsageError
 from fedgen.core.paths import silo_state_home
 from fedgen.core.records import Reply, Worker
 from fedgen.data.silos import silo_data
@@ -67,10 +67,19 @@ def _silo(context: Context) -> tuple[int, str | None]:
     return int(nc["partition-id"]), (str(nc["data-path"]) if nc.get("data-path") else None)
 
 
+def _check_silo(silo: int, run_config: dict) -> None:
+    """The SuperNode's partition-id must be one of the run's silos (0..fl.clients-1)."""
+    clients = int(run_config["fl"]["clients"])
+    if not 0 <= silo < clients:
+        raise UsageError(f"--partition-id {silo} is outside the run's silos 0..{clients - 1} (fl.clients={clients}): "
+                         f"start this SuperNode with --partition-id 0..{clients - 1}")
+
+
 def handle(msg: Message, context: Context) -> Message:
-    """Decode, run the silo's worker, encode. Any error becomes an error reply naming the silo; the traceback
-    goes to the SuperNode's log."""
-    silo = -1
+    """Decode, run the silo's worker, encode. Any error becomes an error reply naming the silo, and a line in the
+    SuperNode's log: fedgen's own errors (the silo's data or state does not fit the run) as one `error:` line,
+    anything else (a bug) with its traceback."""
+    silo, request = -1, None
     try:
         request, run = decode_request(msg)
         silo, data_path = _silo(context)
@@ -78,14 +87,26 @@ def handle(msg: Message, context: Context) -> Message:
             request.silo = silo
         elif request.silo != silo:
             raise ValueError(f"request for silo {request.silo} reached the node of silo {silo}")
+        _check_silo(silo, run["config"])
         worker = _worker(json.dumps(run["config"], sort_keys=True), silo, data_path,
                          str(_state_dir(context.node_config, run, silo)))
         reply = worker.handle(request)
+    except FedgenError as exc:  # reported to the server, which names the node
+        print(f"error: silo {silo} refused run {_run_id(msg)} ({request.kind if request else 'a request'}): {exc}",
+              flush=True)
+        reply = Reply(silo, config={"error": str(exc), "fatal": isinstance(exc, SiloStateError)})
     except Exception as exc:  # noqa: BLE001 - reported to the server, which names the node
         traceback.print_exc()
         reply = Reply(silo, config={"error": f"{type(exc).__name__}: {exc}",
                                     "fatal": isinstance(exc, SiloStateError)})
     return reply_message(reply, msg)
+
+
+def _run_id(msg: Message) -> str:
+    try:
+        return str(msg.metadata.run_id)
+    except AttributeError:
+        return "?"
 
 
 @app.query()

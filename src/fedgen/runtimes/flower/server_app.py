@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import ExitCode
 from rich.console import Console
 
 from fedgen import config as config_mod
@@ -150,6 +152,26 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _ids(silos: list[int]) -> str:
+    return ", ".join(str(s) for s in silos)
+
+
+def _too_few(answered: list[int], n: int, waited: float, silent: int) -> str:
+    """The error of a new run with fewer SuperNodes than silos: how many answered, which silos they hold, what the
+    run needs."""
+    k = len(answered)
+    if k == 0:
+        said = f"no SuperNode answered within {waited:g}s (runtime.wait_for_nodes_s)"
+    else:
+        said = (f"{k} SuperNode{'s' if k > 1 else ''} answered (silo{'s' if k > 1 else ''} {_ids(answered)}) "
+                f"within {waited:g}s (runtime.wait_for_nodes_s)")
+    if silent:
+        said += f", {silent} more online did not answer"
+    missing = [s for s in range(n) if s not in answered]
+    return (f"{said}, the run has fl.clients={n}: start one SuperNode per silo, --partition-id 0..{n - 1} (missing: "
+            f"silo{'s' if len(missing) > 1 else ''} {_ids(missing)})")
+
+
 @contextmanager
 def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.device, console: Console, where: str):
     """Discover the silos behind the SuperNodes and check their data against the run; the coordinator's own copy
@@ -174,18 +196,20 @@ def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.de
     t0 = time.monotonic()
     _wait_for_nodes(grid, n, cfg.runtime.wait_for_nodes_s)
     replies = pool.discover(cfg.runtime.round_timeout_s)
-    refused = [f"node {node} (silo {r.silo}): {r.config['error']}" for node, r in replies.items()
+    refused = [f"the SuperNode of silo {r.silo} (node {node}) refused the run: {r.config['error']}"
+               for node, r in sorted(replies.items(), key=lambda item: item[1].silo)
                if isinstance(r, Reply) and "error" in r.config]
-    if refused:  # a silo whose data does not fit the run: the run cannot start
-        raise FedgenError("SuperNodes refused the run:\n  " + "\n  ".join(refused))
+    if refused:  # a silo whose data does not fit the run, a partition-id outside it: the run cannot start
+        raise FedgenError("; ".join(refused))
     for node, r in replies.items():
         if isinstance(r, Failure):
             console.print(f"[yellow]node {node} did not answer:[/] {r.reason}", highlight=False)
     silos = {r.silo: SiloInfo(r.silo, int(r.config["size"]), list(r.config["counts"]))
              for r in replies.values() if isinstance(r, Reply)}
     extra = sorted(set(silos) - set(range(n)))
-    if extra:
-        raise FedgenError(f"SuperNodes hold silos {extra}, but the run has fl.clients={n} (silos 0..{n - 1})")
+    if extra:  # the SuperNode refuses such a run itself (client_app); this is the coordinator's own check
+        raise FedgenError(f"SuperNodes hold silos {_ids(extra)} (their --partition-id), outside the run's silos "
+                          f"0..{n - 1} (fl.clients={n}): start one SuperNode per silo, --partition-id 0..{n - 1}")
     missing = [s for s in range(n) if s not in silos]
     if missing and run_dir.partition_path.exists():  # resuming: the run already knows their sizes
         known = Partition.load(run_dir.partition_path)
@@ -194,8 +218,8 @@ def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.de
         console.print(f"[yellow]silos {missing} have no SuperNode online;[/] they count as missing in the rounds "
                       "that select them until their node (re)joins", highlight=False)
     elif missing:
-        raise FedgenError(f"no SuperNode answered for silos {missing} within {cfg.runtime.wait_for_nodes_s:g}s "
-                          f"(runtime.wait_for_nodes_s); online: {sorted(pool.node_of.items())} (silo, node)")
+        raise FedgenError(_too_few(sorted(silos), n, cfg.runtime.wait_for_nodes_s,
+                                   sum(isinstance(r, Failure) for r in replies.values())))
     console.print(f"{n} silos, {len(pool.node_of)} on SuperNodes ({time.monotonic() - t0:.1f}s): "
                   + ", ".join(f"silo {s} -> node {node}" for s, node in sorted(pool.node_of.items())), highlight=False)
     silos = [silos[s] for s in range(n)]
@@ -204,23 +228,58 @@ def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.de
                      partition_from_counts(cfg, silos), test, reference, where)
 
 
+class _FedgenErrorOnly(logging.Filter):
+    """Flower's logger, once a deployed ServerApp has said its fedgen error in one line: Flower would follow it
+    with the exception's traceback ("ServerApp raised an exception") and its exit code's help ("Exit Code: 201
+    ... An unhandled exception occurred in the ServerApp"); both are dropped, for that error only (a bug keeps its
+    traceback). Flower still records the run as failed, with the message as its status details."""
+
+    def __init__(self, error: FedgenError):
+        super().__init__()
+        self.error = error
+        self.reported = False  # Flower logged the error (dropped): its exit code's help comes next
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is self.error:
+            self.reported = True
+            return False
+        if self.reported and str(record.msg).startswith(f"Exit Code: {ExitCode.SERVERAPP_EXCEPTION}"):
+            self.reported = False
+            return False
+        return True
+
+
+def report_fedgen_error(error: FedgenError) -> None:
+    """A deployed run's fedgen error: one line, `error: <message>` (further lines indented), in the run's log, as
+    the CLI prints it; Flower's own report of the exception is quieted (`_FedgenErrorOnly`)."""
+    print("error: " + str(error).replace("\n", "\n  "), flush=True)
+    logging.getLogger("flwr").addFilter(_FedgenErrorOnly(error))
+
+
 def make_server_app(cfg: Config | None = None, out: Path | None = None, console: Console | None = None,
                     where: str = "flower") -> ServerApp:
     """A ServerApp training `cfg` into `out` (simulation passes them in); without them it reads the run config
     (`config-b64`: the resolved fedgen config as base64 JSON, `out-dir`) that `fedgen train --runtime flower`
-    submits."""
+    submits. There, a fedgen error ends the run failed with its message, said in one line (`report_fedgen_error`);
+    in simulation it reaches the caller, as in-process."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg, run_out = cfg, out
-        if run_cfg is None:
-            run_cfg = config_mod.validate(json.loads(base64.b64decode(str(context.run_config["config-b64"]))))
-            run_out = Path(str(context.run_config["out-dir"]))
-        con = console or Console(file=sys.stdout, width=120, force_terminal=False)
-        loop.train(run_cfg, run_out, con,
-                   lambda c, run_dir, device, con_: flower_federation(grid, c, run_dir, device, con_, where),
-                   make_algorithm)
+        try:
+            if run_cfg is None:
+                run_cfg = config_mod.validate(json.loads(base64.b64decode(str(context.run_config["config-b64"]))))
+                run_out = Path(str(context.run_config["out-dir"]))
+            # a log, not a terminal: a line stays one line (an error, a round), as the CLI prints it outside a terminal
+            con = console or Console(file=sys.stdout, width=120, soft_wrap=True, force_terminal=False)
+            loop.train(run_cfg, run_out, con,
+                       lambda c, run_dir, device, con_: flower_federation(grid, c, run_dir, device, con_, where),
+                       make_algorithm)
+        except FedgenError as exc:
+            if cfg is None:  # deployed: Flower's exit handler records the run failed with the message
+                report_fedgen_error(exc)
+            raise
 
     return app
 

@@ -9,6 +9,7 @@ import ipaddress
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -84,7 +85,7 @@ def check_node_key(key: Path) -> None:
     need_file(key, "node key")
     try:
         loaded = load_ssh_private_key(key.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise DeploymentError(f"{key} is not an OpenSSH private key ({exc})") from None
     if not isinstance(loaded, ec.EllipticCurvePrivateKey):
         raise DeploymentError(f"{key} is not an elliptic-curve key (SuperNode authentication needs EC)")

@@ -1,14 +1,21 @@
 """What every deployment step shares: its error, Flower's commands from this environment, a private flwr CLI
-home, and starting and stopping child processes by PID."""
+home, starting and stopping child processes by PID (a Flower process dies with the fedgen command that runs it),
+and the cleaning of Flower's output for a fedgen log."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from fedgen.core.errors import FedgenError
@@ -33,6 +40,132 @@ def flwr_env(**extra: str) -> dict[str, str]:
     return os.environ | {"PATH": path} | extra
 
 
+# Flower's output, cleaned for a fedgen log: no colour codes (Flower colours its level names whether or not it
+# writes to a terminal), and none of the lines that say nothing to a fedgen user
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_NOISE = [re.compile(pattern) for pattern in (
+    r"\[uvicorn\.access\]",  # the SuperLink's HTTP access log: a line per request, several a second
+    r'^INFO:\s+\S+:\d+ - "[A-Z]+ \S+ HTTP/[\d.]+" \d+',  # the SuperNode's (uvicorn's default format)
+    r"^(DEBUG|INFO)\s*:\s*$",  # Flower's empty log lines (a blank line around each message a SuperNode handles)
+    # Flower's shutdown, harmless under fedgen: the wrapper stops the whole process group after its Flower process
+    r"SuperExec subprocess did not terminate within 1 second",
+    # a key registered again (`fedgen flower register`, a restart with --state): fedgen says so in its own words
+    r"Public key already in use",
+    # flwr's deprecation notices for the Flower API fedgen does not call (it builds Messages itself), and for
+    # command-line options fedgen does not pass
+    r"DEPRECATED FEATURE: `Driver\.create_message` / `Grid\.create_message`",
+    r"The `--appio-ssl-\S+` flag is deprecated",
+)]
+
+
+def clean_line(line: str) -> str | None:
+    """`line` of a Flower process's output without colour codes, or None where fedgen drops it."""
+    line = _ANSI.sub("", line.rstrip("\n"))
+    return None if any(pattern.search(line) for pattern in _NOISE) else line
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A Popen preexec_fn (Linux): the child gets SIGTERM when this process dies, SIGKILL included, so a killed
+    fedgen command does not leave its Flower process running for minutes (Flower's own children watch their
+    parent and follow). Elsewhere None: the wrapper still stops its child's group on every way out it sees."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between the fork and prctl: nobody would signal it
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class FlowerProcess:
+    """A Flower command this fedgen command runs: in its own process group (a terminal's Ctrl-C reaches the
+    wrapper, which stops it in order; `stop()` also ends what it started), dying with the wrapper (Linux:
+    PR_SET_PDEATHSIG), its output cleaned (`clean_line`) and passed to `echo` by a thread as it comes. `output`
+    keeps its last lines uncleaned but for colour, for explaining a failure."""
+
+    def __init__(self, cmd: list[str], echo: Callable[[str], None], keep: int = 200):
+        self.name = Path(cmd[0]).name
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     env=flwr_env(), process_group=0, preexec_fn=_die_with_parent())
+        self.pid = self.proc.pid
+        self._lines: deque[str] = deque(maxlen=keep)
+        self._echo = echo
+        self._pump = threading.Thread(target=self._read, name=f"{self.name} output", daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self._lines.append(strip_ansi(raw))
+            line = clean_line(raw)
+            if line is not None:
+                self._echo(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, grace: float = 15, group_grace: float = 5) -> int:
+        """SIGTERM, SIGKILL after `grace` s; then whatever is left of its process group (Flower's own children,
+        which leave by themselves once their parent is gone) gets `group_grace` s, then SIGKILL. Returns the exit
+        status (negative: the signal that ended it)."""
+        terminate(self.proc, grace)
+        deadline = time.monotonic() + group_grace
+        while time.monotonic() < deadline and _group_alive(self.pid):
+            time.sleep(0.1)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._pump.join(timeout=2)  # the last lines of its output
+        return self.proc.returncode
+
+    def how_it_ended(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            return f"{self.name} is running"
+        if code < 0:
+            try:
+                return f"{self.name} was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"{self.name} was killed by signal {-code}"
+        return f"{self.name} exited with status {code}"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live process (a zombie waiting for its reaper is not) is in process group `pgid`."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 class FlwrHome:
@@ -73,6 +206,7 @@ def last_lines(text: str, n: int = 6) -> str:
 class StopRequest:
     def __init__(self):
         self.requested = False
+        self.signal = ""  # the signal's name, once one came
         self._old = {}
 
     def restore(self) -> None:
@@ -86,6 +220,7 @@ def stop_on_signals() -> StopRequest:
 
     def handler(signum, frame):
         stop.requested = True
+        stop.signal = signal.Signals(signum).name
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         stop._old[sig] = signal.signal(sig, handler)

@@ -53,8 +53,9 @@ class LocalDeployment:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        """SIGTERM each command, then SIGKILL whatever is left in its process group (Flower's own children too,
-        also where the command itself was killed and left them)."""
+        """SIGTERM each command (it stops its Flower process and that one's children, each group of its own), then
+        SIGKILL whatever is left in the command's process group. A command killed outright takes its Flower process
+        with it (PR_SET_PDEATHSIG: deploy.common.FlowerProcess)."""
         for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -1,6 +1,7 @@
 """`fedgen train --runtime flower`: `flwr run` of a Flower app whose ServerApp and ClientApp are fedgen's installed
 modules, with the resolved config; follows its log and returns when the run has finished, failing if the
-ServerApp failed; Ctrl-C stops the run on the SuperLink."""
+ServerApp failed (a fedgen error with its message alone, as in-process; a bug with its traceback in the log
+above); Ctrl-C stops the run on the SuperLink."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from fedgen.runtimes.flower.deploy.common import (
     json_answer,
     last_lines,
     need_file,
+    strip_ansi,
     terminate,
 )
+
+SERVERAPP_FAILED = "ServerApp failed with exception: "  # Flower's status details of a ServerApp that raised
 
 
 class RunStopped(FedgenError):
@@ -84,8 +88,9 @@ def submit(cfg: Config, out: Path, superlink: str, certs: Path | None, echo: Cal
         follow = subprocess.Popen([flwr_bin("flwr"), "log", run_id, CONNECTION, "--stream"],
                                   env=flwr_env(FLWR_HOME=str(home.path)),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = RunLog(echo)
         try:
-            status = _follow(home, run_id, follow, echo, superlink, cfg.runtime.link_timeout_s)
+            status = _follow(home, run_id, follow, log, superlink, cfg.runtime.link_timeout_s)
         except KeyboardInterrupt:
             _stop_run(home, run_id, Path(out), echo)
             raise RunStopped(f"interrupted: run {run_id} was stopped on the SuperLink; {out} keeps its last "
@@ -93,11 +98,38 @@ def submit(cfg: Config, out: Path, superlink: str, certs: Path | None, echo: Cal
         finally:
             terminate(follow, grace=5)
         if status.get("status") != "finished:completed":
-            details = status.get("status-details") or status.get("sub-status") or ""
+            details = str(status.get("status-details") or status.get("sub-status") or "")
+            if log.fedgen_error and details.startswith(SERVERAPP_FAILED):  # said once, by the CLI, as in-process
+                raise DeploymentError(details.removeprefix(SERVERAPP_FAILED))
             raise DeploymentError(f"run {run_id} ended {status.get('status')}: {details}")
         return run_id
     finally:
         home.close()
+
+
+class RunLog:
+    """The run's log as `fedgen train` echoes it: without colour codes and `flwr log`'s own lines, and without the
+    ServerApp's `error:` line (a fedgen error: server_app.report_fedgen_error; its further lines are indented),
+    which `submit` raises from the run's status instead, so that the CLI prints it once."""
+
+    FLWR_LOG = ("Using SuperLink: ", "Starting logstream for run_id")
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.fedgen_error = False  # the ServerApp said a fedgen error
+        self._in_error = False
+
+    def __call__(self, raw: str) -> None:
+        line = strip_ansi(raw.rstrip("\n"))
+        if line.startswith("error: "):
+            self.fedgen_error = self._in_error = True
+            return
+        if self._in_error and line.startswith("  "):
+            return
+        self._in_error = False
+        if any(line.startswith(s) or line.split(":", 1)[-1].strip().startswith(s) for s in self.FLWR_LOG):
+            return
+        self.echo(line)
 
 
 def _stop_run(home: FlwrHome, run_id: str, out: Path, echo: Callable[[str], None], wait_s: float = 90) -> None:

@@ -1,28 +1,32 @@
-"""`fedgen flower supernode`: runs `flower-supernode` for one silo and turns its failures (unreachable SuperLink,
-certificate not trusted, key not registered) into one clear message."""
+"""`fedgen flower supernode`: runs `flower-supernode` for one silo (its output cleaned of colour codes and
+HTTP access lines), turns its failures (unreachable SuperLink, certificate not trusted, key not registered) into
+one clear message, says in a line of its own when it stops, and takes `flower-supernode` with it however it
+ends (SIGKILL included, on Linux)."""
 
 from __future__ import annotations
 
-import selectors
-import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fedgen.core.errors import UsageError
 from fedgen.core.paths import silo_state_home
 from fedgen.runtimes.flower.deploy.certs import check_node_key
 from fedgen.runtimes.flower.deploy.common import (
     DeploymentError,
+    FlowerProcess,
     flwr_bin,
-    flwr_env,
     last_lines,
     need_file,
     stop_on_signals,
-    terminate,
 )
 
 
 def supernode_command(superlink: str, certs: Path | None, key: Path | None, partition_id: int,
                       data: Path | None, port: int, max_wait_s: float, state_dir: Path | None) -> list[str]:
+    if partition_id < 0:
+        raise UsageError(f"--partition-id is this silo's number, 0..N-1 for a run of fl.clients=N silos: it "
+                         f"cannot be negative, got {partition_id}")
     node_config = f"partition-id={partition_id}"
     if data is not None:
         if not data.exists():
@@ -57,34 +61,34 @@ def explain_supernode_failure(output: str, superlink: str, certs: Path | None, k
     return "flower-supernode failed:\n" + last_lines(output, 10)
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 def serve_supernode(superlink: str, certs: Path | None, key: Path | None, partition_id: int, data: Path | None,
                     port: int = 9094, max_wait_s: float = 60, state_dir: Path | None = None,
-                    echo: Callable[[str], None] = lambda line: print(line, end="")) -> int:
-    """Run one SuperNode (one silo) until it is stopped; a failure to join is a DeploymentError."""
+                    echo: Callable[[str], None] = _print) -> int:
+    """Run one SuperNode (one silo) until it is stopped (SIGINT/SIGTERM: exit status 0) or its `flower-supernode`
+    ends; a failure (to join, or a killed `flower-supernode`) is a DeploymentError. Every way out says so in one
+    line: "SuperNode for silo I stopped: ..."."""
     cmd = supernode_command(superlink, certs, key, partition_id, data, port, max_wait_s, state_dir)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=flwr_env())
     stop = stop_on_signals()
-    seen: list[str] = []
-    sel = selectors.DefaultSelector()
-    assert proc.stdout is not None
-    sel.register(proc.stdout, selectors.EVENT_READ)
     try:
-        while not stop.requested:
-            if sel.select(timeout=0.5):
-                line = proc.stdout.readline()
-                if not line:  # the SuperNode exited
-                    break
-                echo(line)
-                seen.append(line)
-                del seen[:-200]
-            elif proc.poll() is not None:
-                break
+        node = FlowerProcess(cmd, echo)
+        try:
+            while node.poll() is None and not stop.requested:
+                time.sleep(0.2)
+        finally:
+            node.stop()
     finally:
-        terminate(proc)
         stop.restore()
-    proc.wait()
-    if stop.requested or proc.returncode == 0:
+    said = f"SuperNode for silo {partition_id} stopped"
+    if stop.requested:
+        echo(f"{said}: {stop.signal} received; {node.name} (pid {node.pid}) stopped")
         return 0
-    raise DeploymentError(f"SuperNode for silo {partition_id}: "
-                          + explain_supernode_failure("".join(seen), superlink, certs, key, max_wait_s))
+    if node.proc.returncode == 0:
+        echo(f"{said}: {node.how_it_ended()}")
+        return 0
+    if node.proc.returncode < 0:  # killed by a signal: its output says nothing about why
+        raise DeploymentError(f"{said}: {node.how_it_ended()}")
+    raise DeploymentError(f"{said}: " + explain_supernode_failure(node.output, superlink, certs, key, max_wait_s))
