@@ -187,7 +187,7 @@ def test_flower_output_is_cleaned_for_a_fedgen_log():
         "INFO :      Starting Flower SuperNode"
     for noise in ['2026-12-04T18:37:10.112Z INFO [uvicorn.access] 127.0.0.1:45372 - "POST /v1/control/list-nodes '
                   'HTTP/1.1" 200', 'INFO:     127.0.0.1:52880 - "POST /v1/fleet/pull-messages HTTP/1.1" 200 OK',
-                  "\x1b[92mINFO \x1b[0m:      ",
+                  "\x1b[92mINFO \x1b[0m:      ", "12/04/2026 19:28:37:INFO:",
                   "\x1b[93mWARNING \x1b[0m:   SuperExec subprocess did not terminate within 1 second."]:
         assert clean_line(noise) is None, noise
     assert clean_line("\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.26 seconds") is not None

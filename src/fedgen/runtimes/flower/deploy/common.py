@@ -46,7 +46,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _NOISE = [re.compile(pattern) for pattern in (
     r"\[uvicorn\.access\]",  # the SuperLink's HTTP access log: a line per request, several a second
     r'^INFO:\s+\S+:\d+ - "[A-Z]+ \S+ HTTP/[\d.]+" \d+',  # the SuperNode's (uvicorn's default format)
-    r"^(DEBUG|INFO)\s*:\s*$",  # Flower's empty log lines (a blank line around each message a SuperNode handles)
+    # Flower's empty log lines (a blank line around each message a SuperNode handles), also as a ClientApp process
+    # logs them where a library configured Python's root logger ("12/04/2026 19:28:37:INFO:")
+    r"^(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:)?(DEBUG|INFO)\s*:\s*$",
     # Flower's shutdown, harmless under fedgen: the wrapper stops the whole process group after its Flower process
     r"SuperExec subprocess did not terminate within 1 second",
     # a key registered again (`fedgen flower register`, a restart with --state): fedgen says so in its own words
