@@ -503,3 +503,32 @@ def test_certs_are_what_flower_loads(tmp_path):
         check_node_key(tmp_path / f"node-{i}")
         assert load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes()).curve.name == "secp384r1"
     assert oct((tmp_path / "ca.key").stat().st_mode)[-3:] == "600"
+
+
+def test_flower_sim_output_is_fedgens_own(tmp_path):
+    """What Flower's simulation engine and Ray add is kept out of a fedgen log: no deprecation notice for the
+    engine fedgen chose, no Ray FutureWarning, no colour codes or actor lines, no known-harmless warnings."""
+    fedgen = str(Path(sys.executable).parent / "fedgen")
+    done = subprocess.run([fedgen, "train", "--preset", "tiny", "--runtime", "flower-sim", "--set", "fl.rounds=1",
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert "round 1/1:" in output and "done: samples in" in output
+    for noise in ("\x1b[", "DEPRECATED", "Warning", "ClientAppActor", "DEBUG"):
+        assert noise not in output, output
+
+
+def test_known_harmless_warnings_are_filtered_and_others_shown():
+    import warnings
+
+    from fedgen.core.warnings import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn("__array__ implementation doesn't accept a copy keyword, so passing copy=False failed.",
+                      DeprecationWarning, stacklevel=1)
+        warnings.warn("Tip: In future versions of Ray, Ray will no longer override accelerator visible devices",
+                      FutureWarning, stacklevel=1)
+        warnings.warn("something fedgen does not know", DeprecationWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something fedgen does not know"]

@@ -19,6 +19,7 @@ from fedgen.config import Config
 from fedgen.core.device import resolve_device
 from fedgen.core.errors import FedgenError
 from fedgen.core.progress import progress_bar
+from fedgen.core.warnings import quiet_known_warnings
 from fedgen.evaluation.evaluate import evaluate_model
 from fedgen.federation.algorithm import Algorithm, MakeAlgorithm, RoundContext, TrainingAborted
 from fedgen.federation.rundir import RunDir
@@ -35,6 +36,7 @@ OpenFederation = Callable[[Config, RunDir, torch.device, Console], AbstractConte
 def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederation,
           make_algorithm: MakeAlgorithm) -> RunDir:
     """Train (or resume, or extend) the run described by `cfg` in directory `out`."""
+    quiet_known_warnings()  # again: Flower's simulation engine and Ray have reset the filters by now
     run = RunDir(out)
     with run.lock():  # one writer per run directory, for the whole of training
         resuming = run.check(cfg)
