@@ -139,6 +139,21 @@ class FlowerProcess:
         self._pump.join(timeout=2)  # the last lines of its output
         return self.proc.returncode
 
+    def ended(self, said: str, stop: StopRequest, log: Callable[[str], None],
+              explain: Callable[[str], str]) -> int:
+        """A wrapper's one line on how it ended, "`said`: ...": 0 when it was asked to stop or its Flower process
+        exited cleanly; otherwise a DeploymentError, with `explain(output)` where a failure's output says why
+        (not for a process killed by a signal)."""
+        if stop.requested:
+            log(f"{said}: {stop.signal} received; {self.name} (pid {self.pid}) stopped")
+            return 0
+        if self.proc.returncode == 0:
+            log(f"{said}: {self.how_it_ended()}")
+            return 0
+        if self.proc.returncode < 0:  # killed by a signal: its output says nothing about why
+            raise DeploymentError(f"{said}: {self.how_it_ended()}")
+        raise DeploymentError(f"{said}: {explain(self.output)}")
+
     def how_it_ended(self) -> str:
         code = self.proc.returncode
         if code is None:

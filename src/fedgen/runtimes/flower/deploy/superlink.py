@@ -126,12 +126,5 @@ def serve_superlink(certs: Path | None, host: str = "127.0.0.1", port: int = 800
     finally:
         home.close()
         stop.restore()
-    if stop.requested:
-        log(f"SuperLink stopped: {stop.signal} received; {link.name} (pid {link.pid}) stopped")
-        return 0
-    if link.proc.returncode == 0:
-        log(f"SuperLink stopped: {link.how_it_ended()}")
-        return 0
-    if link.proc.returncode < 0:  # killed by a signal: its output says nothing about why
-        raise DeploymentError(f"SuperLink stopped: {link.how_it_ended()}")
-    raise DeploymentError(f"SuperLink stopped: {link.how_it_ended()}:\n{last_lines(link.output, 10)}")
+    return link.ended("SuperLink stopped", stop, log,
+                      lambda output: f"{link.how_it_ended()}:\n{last_lines(output, 10)}")

@@ -82,13 +82,5 @@ def serve_supernode(superlink: str, certs: Path | None, key: Path | None, partit
             node.stop()
     finally:
         stop.restore()
-    said = f"SuperNode for silo {partition_id} stopped"
-    if stop.requested:
-        echo(f"{said}: {stop.signal} received; {node.name} (pid {node.pid}) stopped")
-        return 0
-    if node.proc.returncode == 0:
-        echo(f"{said}: {node.how_it_ended()}")
-        return 0
-    if node.proc.returncode < 0:  # killed by a signal: its output says nothing about why
-        raise DeploymentError(f"{said}: {node.how_it_ended()}")
-    raise DeploymentError(f"{said}: " + explain_supernode_failure(node.output, superlink, certs, key, max_wait_s))
+    return node.ended(f"SuperNode for silo {partition_id} stopped", stop, echo,
+                      lambda output: explain_supernode_failure(output, superlink, certs, key, max_wait_s))
