@@ -51,3 +51,21 @@ def test_a_terminal_gets_the_live_bar_and_a_file_the_plain_lines():
     assert isinstance(progress_bar(Console(file=io.StringIO(), force_terminal=True)), Progress)
     assert isinstance(progress_bar(Console(file=io.StringIO())), PlainProgress)
     assert clock_text(3725.4) == "1:02:05"
+
+
+def test_emulated_bf16_is_named_with_the_settings_to_turn_off():
+    import torch
+
+    from fedgen.core.device import cpu_bf16_flags, emulated_bf16_note
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    cpu = torch.device("cpu")
+    assert cpu_bf16_flags(avx2) == set() and cpu_bf16_flags(amx) == {"avx512_bf16", "amx_bf16"}
+    assert cpu_bf16_flags("no flags line here") is None
+    assert emulated_bf16_note(cpu, ["train.bf16", "eval.bf16"], avx2) == (
+        "this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag): train.bf16 and eval.bf16 run emulated, "
+        "several times slower; for speed here: --set train.bf16=false --set eval.bf16=false")
+    assert emulated_bf16_note(cpu, ["train.bf16"], amx) is None  # native: nothing to say
+    assert emulated_bf16_note(cpu, [], avx2) is None  # bf16 not asked for
+    assert emulated_bf16_note(torch.device("meta"), ["train.bf16"], avx2) is None  # not a CPU

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from fedgen.config import Config
-from fedgen.core.device import resolve_device
+from fedgen.core.device import emulated_bf16_note, resolve_device
 from fedgen.core.errors import FedgenError
 from fedgen.core.progress import progress_bar
 from fedgen.core.warnings import quiet_known_warnings
@@ -49,6 +49,11 @@ def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederat
             console.print(f"[bold]fedgen[/] run [cyan]{run.path}[/] on [green]{device}[/] "
                           f"({torch.get_num_threads()} CPU threads){' — resuming' if resuming else ''}")
             console.print(f"resolved config: {run.path / 'config.toml'}", highlight=False)
+            slow = emulated_bf16_note(device, [name for name, on in (("train.bf16", cfg.train.bf16),
+                                                                     ("eval.bf16", cfg.eval.bf16))
+                                                if on and cfg.algorithm == "feddm"])
+            if slow:
+                console.print(f"note: {slow}", highlight=False)
             with open_federation(cfg, run, device, console) as fed:  # bad data fails here, before anything is written
                 return _train(cfg, run, device, fed, console, make_algorithm)
         finally:  # in-process silos set it too; leave the caller's process as it was
