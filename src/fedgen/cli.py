@@ -39,8 +39,12 @@ console = _console()
 err = _console(stderr=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _error_line(message: str) -> None:
     err.print("[bold red]error:[/] " + escape(message), highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    _error_line(message)
     raise typer.Exit(code)
 
 
@@ -475,10 +479,10 @@ def main() -> None:
         code = 0
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "fedgen"
-        err.print("[bold red]error:[/] " + escape(f"{exc.format_message()} (see {where} --help)"), highlight=False)
+        _error_line(f"{exc.format_message()} (see {where} --help)")
         code = 2
     except click.Abort:  # Ctrl-C outside a command's own handling (while parsing, or before it started)
-        err.print("[bold red]error:[/] interrupted", highlight=False)
+        _error_line("interrupted")
         code = 130
     sys.exit(code or 0)
 
