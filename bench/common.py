@@ -39,16 +39,19 @@ def tstr_fields(ev: dict) -> dict:
     return {k: ev.get(k) for k in keys}
 
 
-def evaluation(run: Path, weights: str) -> dict:
+def evaluation(run: Path, weights: str, baselines: bool = True) -> dict:
     """The run's `fedgen evaluate --tstr --n 10000` record with these weights: the last one logged after the
-    run's last round (evaluating again gives the same numbers), else a new evaluation."""
+    run's last round (evaluating again gives the same numbers), else a new evaluation. `baselines=False`: without
+    the silos' own CNNs (`--no-baselines`; a record that has them is taken too)."""
     def found() -> dict | None:
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last_round = max(r["round"] for r in records if r.get("event") == "round")
         return next((r for r in reversed(records) if r.get("event") == "evaluate" and r.get("weights") == weights
                      and r.get("round") == last_round and r.get("generated") == 10000
-                     and r.get("tstr_accuracy") is not None), None)
+                     and r.get("tstr_accuracy") is not None
+                     and (not baselines or r.get("local_real_accuracy_mean") is not None)), None)
 
     if found() is None:
-        fedgen("evaluate", str(run), "--tstr", "--n", "10000", *(["--raw"] if weights == "raw" else []))
+        fedgen("evaluate", str(run), "--tstr", "--n", "10000", *(["--raw"] if weights == "raw" else []),
+               *([] if baselines else ["--no-baselines"]))
     return found()

@@ -19,6 +19,7 @@ from fedgen.cli import app
 from fedgen.core.records import Failure, Reply, Request
 from fedgen.data.silos import SiloData
 from fedgen.federation.rundir import RunDir
+from fedgen.nn.diffaugment import diff_augment
 from fedgen.nn.gan import DISCRIMINATORS, ConditionalGenerator, build_discriminator
 from fedgen.runtimes.local import train
 
@@ -45,9 +46,9 @@ def test_generator_and_every_discriminator_kind(shape):
         torch.testing.assert_close(d(x, torch.zeros(4, dtype=torch.long)), out)  # the label is not an input
 
 
-def _party(noise_ratio=0.5, kind="dcgan", n=64, loss="gan"):
+def _party(noise_ratio=0.5, kind="dcgan", n=64, loss="gan", extra=()):
     cfg = C.load("pga-smoke", overrides=[f"pga.noise_ratio={noise_ratio}", f'pga.discriminators=["{kind}"]',
-                                         "pga.steps_per_round=1000", f"pga.loss={loss}"])
+                                         "pga.steps_per_round=1000", f"pga.loss={loss}", *extra])
     gen = torch.Generator().manual_seed(0)
     data = SiloData(torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(10, (n,), generator=gen))
     return cfg, PGASilo(cfg, 0, data, [str(k) for k in range(10)], torch.device("cpu"))
@@ -111,6 +112,86 @@ def test_acgan_party_step_adds_the_auxiliary_classifier():
     for step in range(1, 30):
         party.handle(Request(0, "pga-step", {"batch": batch}, {"round": 0, "step": step, "want_grad": False}))
     assert classifier_loss() < 0.8 * before  # the discriminator's steps train the classifier on real labels
+
+
+def test_diffaugment_shifts_and_cuts_out_each_image_from_its_generator():
+    """Translation moves every pixel by one shift per image (zeros enter at the border); cutout zeroes one
+    (H/2 x W/2) square per image, clipped at the border; the same generator state gives the same images; the
+    gradient reaches exactly the input pixels that stay visible."""
+    n, h, w = 64, 16, 16
+    x = (torch.arange(n * h * w, dtype=torch.float64).view(n, 1, h, w) + 1)  # every value distinct and non-zero
+    out = diff_augment(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, diff_augment(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(out, diff_augment(x, torch.Generator().manual_seed(4)))
+    shifts, cut = set(), []
+    for k in range(n):
+        kept = out[k, 0] != 0
+        source = (out[k, 0][kept] - 1 - k * h * w).long()  # where each visible value came from
+        rows, cols = torch.nonzero(kept, as_tuple=True)
+        dr, dc = source // w - rows, source % w - cols
+        assert len(set(dr.tolist())) == 1 and len(set(dc.tolist())) == 1  # one shift for the whole image
+        shifts.add((int(dr[0]), int(dc[0])))
+        assert max(abs(int(dr[0])), abs(int(dc[0]))) <= 2  # 1/8 of 16
+        # the zeros are the border strips the shift brought in, plus the cutout: one square of at most 8 x 8
+        r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        from_inside = (r + dr[0] >= 0) & (r + dr[0] < h) & (c + dc[0] >= 0) & (c + dc[0] < w)
+        rr, cc = torch.nonzero(~kept & from_inside, as_tuple=True)
+        assert len(rr) >= 4  # at least the quarter of a 4 x 4 corner square left beside a strip
+        assert int(rr.max() - rr.min()) + 1 <= 8 and int(cc.max() - cc.min()) + 1 <= 8
+        assert len(rr) == (int(rr.max() - rr.min()) + 1) * (int(cc.max() - cc.min()) + 1)  # a full rectangle
+        cut.append(len(rr))
+    assert len(shifts) > 10  # the shifts vary across images (25 possible)
+    assert np.median(cut) >= 32  # mostly whole 8 x 8 squares, clipped only near the border
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(diff_augment(xg, torch.Generator().manual_seed(3)).sum(), xg)
+    assert int(grad.sum()) == int((out != 0).sum())  # each visible output pixel is one input pixel, weight 1
+
+
+def test_spectral_norm_bounds_every_layer_of_the_discriminator():
+    """After the power iteration has converged, each convolution and linear layer's effective weight has largest
+    singular value 1 (reshaped to a matrix, as Miyato et al. normalise it); without the option it does not."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    for kind in DISCRIMINATORS:
+        d = build_discriminator(kind, (1, 28, 28), 10, auxiliary=True, spectral_norm=True)
+        d.train()
+        for _ in range(200):
+            d(x, torch.zeros(8, dtype=torch.long))
+        layers = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+        assert layers and all(hasattr(m, "parametrizations") for m in layers)
+        for m in layers:
+            assert torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2) == pytest.approx(1.0, abs=2e-3)
+    plain = build_discriminator("dcgan", (1, 28, 28), 10)
+    norms = [float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)) for m in plain.modules()
+             if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert max(abs(v - 1) for v in norms) > 0.1
+
+
+def test_party_with_diffaugment_sees_augmented_images_and_returns_their_gradient():
+    """With pga.diffaugment every image the discriminator sees (the real batch, both fake batches) is augmented by
+    the step's generator, and the returned gradient is d g_i / d fake2 through the augmentation."""
+    from fedgen.core.seeding import generator
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    cfg, party = _party(noise_ratio=0.0, kind="resnet", extra=["pga.diffaugment=true", "pga.spectral_norm=true"])
+    party._bring_to(0, 0, 0)  # the discriminator the step will use (no BatchNorm: eval mode recomputes it exactly)
+    seen = []
+    party.d.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    batch = _batch()
+    reply = party.handle(Request(0, "pga-step", {"batch": batch}, {"round": 0, "step": 0, "want_grad": True}))
+    assert len(seen) == 3  # real batch, fake batch 1 (the discriminator's step), fake batch 2 (g_i)
+    augment = generator(cfg.train.seed, "pga-augment", 0, 0, 0)
+    idx = torch.randint(len(party.data), (16,), generator=generator(cfg.train.seed, "pga-party", 0, 0, 0))
+    torch.testing.assert_close(seen[0], diff_augment(party.data.images[idx], augment))
+    torch.testing.assert_close(seen[1], diff_augment(batch["fake1"], augment))
+    fake2 = batch["fake2"].clone().requires_grad_(True)
+    augmented = diff_augment(fake2, augment)
+    torch.testing.assert_close(seen[2], augmented.detach())
+    party.d.eval()  # spectral norm's power iteration does not step again: the weights g_i was computed with
+    g = bce(party.d(augmented, batch["labels2"]), torch.ones(16))
+    (grad,) = torch.autograd.grad(g, fake2)
+    assert reply.config["g"] == pytest.approx(float(g.detach()), rel=1e-5)
+    torch.testing.assert_close(reply.arrays["grad"]["fake2"], grad)
 
 
 def test_party_loss_noise_has_sd_ratio_times_d():
@@ -352,6 +433,8 @@ def test_pga_sample_and_evaluate_with_baselines(pga_run, tmp_path, monkeypatch):
     (['pga.discriminators=["vit"]'], "unknown ['vit']"),
     (["fl.clients_per_round=2"], "every party takes part in every step"),
     (["pga.aggregation=median"], "pga.aggregation"),
+    (["pga.spectral_norm=true", "privacy.mode=dp-sgd", "privacy.target_epsilon=10"],
+     "pga.spectral_norm with privacy.mode=dp-sgd: Opacus computes per-sample gradients"),
 ])
 def test_bad_pga_config_names_the_field(overrides, message):
     with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -205,6 +205,11 @@ class PGAConfig(_Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator's weights (and BatchNorm "
                              "statistics), updated after every generator step with decay min(ema_decay, (1+n)/(10+n)) "
                              "at step n; sample/evaluate use it (--raw: the generator itself); 0: off (the paper)")
+    spectral_norm: bool = Field(False, description="spectral normalisation of every convolution and linear layer "
+                                "of each party's discriminator (Miyato et al. 2018); not with privacy.mode=dp-sgd")
+    diffaugment: bool = Field(False, description="each party shifts (up to 1/8 of the side) and cuts out (a square "
+                              "of half the side) every image its discriminator sees, real and generated, "
+                              "differentiably (DiffAugment, Zhao et al. 2020)")
 
 
 class MERFConfig(_Section):
@@ -363,6 +368,10 @@ class Config(_Section):
             raise ValueError("fl.centralized is a FedDM baseline; PGA's baselines are in `fedgen evaluate --tstr`")
         if self.fl.clients_per_round not in (None, self.fl.clients):
             raise ValueError("pga: every party takes part in every step (leave fl.clients_per_round unset)")
+        if self.pga.spectral_norm and self.privacy.mode == "dp-sgd":
+            raise ValueError("pga.spectral_norm with privacy.mode=dp-sgd: Opacus computes per-sample gradients "
+                             "of a layer's own weight, not through the parametrisation spectral normalisation puts "
+                             "on it; turn one of them off")
         return self
 
 

@@ -141,12 +141,18 @@ def _dcgan(c: int, k: int, width: int, norm: str | None, out: int = 1) -> nn.Mod
 
 
 def build_discriminator(kind: str, image_shape: tuple[int, int, int], num_classes: int,
-                        private: bool = False, auxiliary: bool = False) -> nn.Module:
+                        private: bool = False, auxiliary: bool = False, spectral_norm: bool = False) -> nn.Module:
     """One discriminator of the zoo, outputting one logit per image given the image and its label. `private`: the
     DP-SGD variant (BatchNorm, which mixes the records of a batch and so has no per-sample gradient, replaced by
     GroupNorm). `auxiliary` (AC-GAN, Odena et al. 2017): the network sees the image alone and outputs 1 + K
-    logits per image, real-vs-fake then one per class (the label is ignored)."""
+    logits per image, real-vs-fake then one per class (the label is ignored). `spectral_norm` (Miyato et al.
+    2018): every convolution and linear layer's weight divided by its largest singular value (one power
+    iteration per training forward pass), which bounds the discriminator's Lipschitz constant."""
     model = _build(kind, image_shape, num_classes, private, auxiliary)
+    if spectral_norm:
+        for module in list(model.modules()):
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.utils.parametrizations.spectral_norm(module)
     if private:  # Opacus's backward hooks cannot see through in-place activations
         for module in model.modules():
             if hasattr(module, "inplace"):

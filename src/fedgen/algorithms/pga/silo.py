@@ -27,6 +27,7 @@ from fedgen.core.seeding import derive_seed, generator
 from fedgen.data.silos import SiloData
 from fedgen.federation.silo_state import SiloStateStore
 from fedgen.federation.silos import describe_silo
+from fedgen.nn.diffaugment import diff_augment
 from fedgen.nn.gan import build_discriminator
 from fedgen.privacy.accountant import Account, open_account
 from fedgen.privacy.dpsgd import PrivateSteps, poisson_batch, poisson_plan
@@ -66,10 +67,13 @@ class PGASilo:
         return self.cfg.pga.loss == "acgan"
 
     def _loss(self, x: torch.Tensor, labels: torch.Tensor, real: bool | torch.Tensor, classify: bool | torch.Tensor,
-              reduction: str = "mean") -> torch.Tensor:
+              augment: torch.Generator | None, reduction: str = "mean") -> torch.Tensor:
         """The discriminator's loss on `x` labelled real (1) or fake (0), plus, with the auxiliary classifier
         (pga.loss = "acgan") where `classify`, its cross-entropy against `labels`. `real` and `classify` are one
-        value for the batch or one per row; per row with reduction="none"."""
+        value for the batch or one per row; per row with reduction="none". With pga.diffaugment, `x` is first
+        augmented with draws from `augment`."""
+        if self.cfg.pga.diffaugment:
+            x = diff_augment(x, augment)
         out = self.d(x, labels)
         logit = out[:, 0] if self.auxiliary else out
         target = torch.as_tensor(real, dtype=logit.dtype, device=self.device).expand(len(x))
@@ -84,7 +88,8 @@ class PGASilo:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.train.seed, "pga-init-d", self.silo))
             self.d = build_discriminator(self.kind, self.image_shape, len(self.classes), self.private,
-                                         auxiliary=self.auxiliary).to(self.device)
+                                         auxiliary=self.auxiliary,
+                                         spectral_norm=self.cfg.pga.spectral_norm).to(self.device)
         self.opt = torch.optim.Adam(self.d.parameters(), lr=self.cfg.pga.lr_discriminator, betas=BETAS)
         self.dp, self.account, self.secret = None, None, None
         if self.private:  # DP-SGD on the discriminator; the account and the noise generator are set per step
@@ -161,15 +166,17 @@ class PGASilo:
         fake1, labels1 = batch["fake1"].to(self.device), batch["labels1"].to(self.device)
         fake2, labels2 = batch["fake2"].to(self.device), batch["labels2"].to(self.device)
         self.d.train()
+        # the augmentation's draws are public randomness (a function of the run seed), apart from the DP noise
+        augment = generator(cfg.train.seed, "pga-augment", round_idx, step, self.silo)
         if self.private:
-            gen, d_i = self._private_d_step(round_idx, step, fake1, labels1)
+            gen, d_i = self._private_d_step(round_idx, step, fake1, labels1, augment)
             real_loss = None
         else:
             gen = generator(cfg.train.seed, "pga-party", round_idx, step, self.silo)
             idx = torch.randint(len(self.data), (len(fake1),), generator=gen)
             real, real_labels = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
-            real_loss = self._loss(real, real_labels, real=True, classify=True)
-            fake_loss = self._loss(fake1, labels1, real=False, classify=False)
+            real_loss = self._loss(real, real_labels, real=True, classify=True, augment=augment)
+            fake_loss = self._loss(fake1, labels1, real=False, classify=False, augment=augment)
             self.opt.zero_grad(set_to_none=True)
             (real_loss + fake_loss).backward()
             self.opt.step()
@@ -178,7 +185,7 @@ class PGASilo:
         if self.dp is not None:  # the feedback is post-processing of the DP discriminator: no per-sample work
             self.dp.module.disable_hooks()
         try:
-            g = self._loss(fake2, labels2, real=True, classify=True)
+            g = self._loss(fake2, labels2, real=True, classify=True, augment=augment)
             arrays = {}
             if c.get("want_grad"):
                 (grad,) = torch.autograd.grad(g, fake2)
@@ -197,7 +204,8 @@ class PGASilo:
         self._persist(round_idx, step)
         return Reply(self.silo, arrays=arrays, config=config)
 
-    def _private_d_step(self, round_idx: int, step: int, fake1: torch.Tensor, labels1: torch.Tensor):
+    def _private_d_step(self, round_idx: int, step: int, fake1: torch.Tensor, labels1: torch.Tensor,
+                        augment: torch.Generator):
         """One DP-SGD step of the discriminator: a Poisson sample of the party's real images and fake batch 1 in
         one batch, every row's gradient clipped, noise from the party's secret generator. Returns that generator
         (it also draws the PGA loss noise) and d_i, the loss on the fakes."""
@@ -207,7 +215,7 @@ class PGASilo:
         labels = torch.cat([self.data.labels[idx].to(self.device), labels1])
         real = torch.arange(len(x), device=self.device) < len(idx)
         # the classifier learns from the real rows only; each row's loss (BCE, plus CE with acgan) is clipped whole
-        rows = self._loss(x, labels, real=real, classify=real, reduction="none")
+        rows = self._loss(x, labels, real=real, classify=real, augment=augment, reduction="none")
         self.dp.use(self.account, gen)
         self.dp.step(rows, len(rows))  # the account's steps advance with it (the optimiser's step hook)
         return gen, float(rows[len(idx):].mean().detach())
