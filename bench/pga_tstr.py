@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fmnist-5-acgan-dcgan-zoo": ("pga-fmnist-5-quick", ["pga.loss=acgan", 'pga.discriminators=["dcgan"]']),
     "fmnist-5-acgan-sn": ("pga-fmnist-5-quick", ["pga.loss=acgan", "pga.spectral_norm=true"]),
     "fmnist-5-acgan-diffaugment": ("pga-fmnist-5-quick", ["pga.loss=acgan", "pga.diffaugment=true"]),
+    "fmnist-5-acgan-ms": ("pga-fmnist-5-quick", ["pga.loss=acgan", "pga.mode_seeking=1"]),
 }
 
 
@@ -64,9 +65,14 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("bench/results/pga"))
     ap.add_argument("--skip-raw", action="store_true", help="with pga.ema_decay: evaluate the average only")
     ap.add_argument("--fresh", action="store_true", help="retrain from scratch (default: resume or reuse a run)")
+    ap.add_argument("--baselines-from", type=Path, action="append", default=[],
+                    help="a JSON this script wrote: reuse its presets' silo and all-data CNN accuracies")
     args = ap.parse_args()
     rows = []
     baselines: dict[str, dict] = {}  # preset -> its silos' and the all-data CNN's accuracies
+    for path in args.baselines_from:
+        for r in json.loads(path.read_text())["results"]:
+            baselines.setdefault(r["preset"], {k: r[k] for k in (*BASELINE_KEYS, "baselines_from")})
     for name in args.variants.split(","):
         preset, overrides = VARIANTS[name]
         out = args.runs / name

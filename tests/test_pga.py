@@ -228,8 +228,8 @@ class _FakePool:
         return out
 
 
-def _rounds(aggregation: str, answers, rho_max=5.0):
-    cfg = C.load("pga-smoke", overrides=[f"pga.aggregation={aggregation}", f"pga.rho_max={rho_max}"])
+def _rounds(aggregation: str, answers, rho_max=5.0, extra=()):
+    cfg = C.load("pga-smoke", overrides=[f"pga.aggregation={aggregation}", f"pga.rho_max={rho_max}", *extra])
     silos = [SimpleNamespace(silo=s) for s in range(3)]
     fed = SimpleNamespace(image_shape=(1, 8, 8), num_classes=10, silos=silos, pool=_FakePool(answers))
     ctx = SimpleNamespace(cfg=cfg, fed=fed, device=torch.device("cpu"), progress=None, model=None,
@@ -275,6 +275,49 @@ def test_generator_gradient_per_aggregation_mode(aggregation, scale):
     g(z2, y2).backward(torch.full((b, 1, 8, 8), rho * c))
     for name, p in g.named_parameters():
         torch.testing.assert_close(seen["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_mode_seeking_loss_is_msgan_on_pairs_of_the_batch():
+    """1 / (mean |G(z_a) - G(z_b)| / mean |z_a - z_b| + 1e-5) over the pairs (i, i + n/2)."""
+    from fedgen.algorithms.pga.coordinator import mode_seeking_loss
+
+    fake = torch.zeros(4, 1, 2, 2)
+    fake[2:] = 0.5  # each pair differs by 0.5 in every pixel
+    z = torch.zeros(4, 3)
+    z[2:, 0] = 3.0  # each pair differs by 3 in one of three coordinates: mean |dz| = 1
+    assert float(mode_seeking_loss(fake, z)) == pytest.approx(1 / (0.5 + 1e-5))
+    assert float(mode_seeking_loss(torch.zeros(4, 1, 2, 2), z)) == pytest.approx(1e5)  # collapsed: large
+
+
+def test_mode_seeking_pairs_the_labels_and_adds_its_gradient_to_the_parties():
+    """pga.mode_seeking = w: fake batch 2's labels come in pairs (i, i + b/2), and the generator's gradient is the
+    parties' (rho * dL/dfake2 backpropagated) plus w times the gradient of the mode-seeking term."""
+    import copy
+
+    from fedgen.algorithms.pga.coordinator import mode_seeking_loss
+    from fedgen.core.seeding import generator as seeded
+
+    answers = {0: (0.8, 0.9, 1.0), 1: (0.4, 0.5, 2.0), 2: (1.0, 1.3, 3.0)}
+    rounds, pool = _rounds("mean", answers, extra=["pga.mode_seeking=0.7"])
+    seen = {}
+    rounds.opt.step = lambda: seen.setdefault("grads", {n: p.grad.clone() for n, p in rounds.g.named_parameters()})
+    rounds._step(0, 0)
+    b, zd = rounds.cfg.train.batch_size, rounds.cfg.pga.z_dim
+    labels = pool.requests[0].arrays["batch"]["labels2"]
+    assert torch.equal(labels[:b // 2], labels[b - b // 2:]) and len(set(labels.tolist())) > 1
+    gen = seeded(rounds.cfg.train.seed, "pga-generator", 0, 0)
+    torch.randn(b, zd, generator=gen)
+    z2 = torch.randn(b, zd, generator=gen)
+    g = copy.deepcopy(rounds.g).train()
+    g.zero_grad()
+    fake2 = g(z2, labels)
+    ((fake2 * 2.0).sum() + 0.7 * mode_seeking_loss(fake2, z2)).backward()  # mean of c = 1, 2, 3; rho = 1
+    for name, p in g.named_parameters():
+        torch.testing.assert_close(seen["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+    plain, _ = _rounds("mean", answers)
+    plain.opt.step = lambda: seen.setdefault("plain", {n: p.grad.clone() for n, p in plain.g.named_parameters()})
+    plain._step(0, 0)
+    assert any(not torch.allclose(seen["plain"][n], seen["grads"][n]) for n in seen["plain"])
 
 
 @pytest.mark.parametrize("aggregation", ["ratio", "mean", "literal"])

@@ -207,6 +207,11 @@ class PGAConfig(_Section):
                              "at step n; sample/evaluate use it (--raw: the generator itself); 0: off (the paper)")
     spectral_norm: bool = Field(False, description="spectral normalisation of every convolution and linear layer "
                                 "of each party's discriminator (Miyato et al. 2018); not with privacy.mode=dp-sgd")
+    mode_seeking: float = Field(0.0, ge=0, description="weight of the mode-seeking term (MSGAN, Mao et al. "
+                                "2019) in the generator's update: fake batch 2 is drawn in pairs of one label and "
+                                "two z, and the generator also minimises 1 / (mean |G(z1)-G(z2)| / mean |z1-z2| + "
+                                "1e-5), so different z give different images of a class; computed at the "
+                                "coordinator, the parties see nothing new; 0: off (the paper)")
     diffaugment: bool = Field(False, description="each party shifts (up to 1/8 of the side) and cuts out (a square "
                               "of half the side) every image its discriminator sees, real and generated, "
                               "differentiably (DiffAugment, Zhao et al. 2020)")

@@ -48,6 +48,16 @@ def generator_average(g: torch.nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(g, avg_fn=average, use_buffers=True)
 
 
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSGAN's term (Mao et al. 2019): 1 / (mean |G(z_a) - G(z_b)| / mean |z_a - z_b| + 1e-5) over the pairs
+    (i, i + n/2) of a batch whose pairs share a label. Minimising it pushes images of one class apart as their z
+    differ, against the mode collapse that conditional GANs show within a class."""
+    half = len(fake) // 2
+    a, b = slice(0, half), slice(len(fake) - half, len(fake))
+    ratio = (fake[a] - fake[b]).abs().mean() / (z[a] - z[b]).abs().mean()
+    return 1 / (ratio + 1e-5)
+
+
 class PGA:
     """PGA's coordinator: `pga.steps_per_round` generator steps per round, each one message to every party."""
 
@@ -155,6 +165,8 @@ class PGA:
         b, k, device = cfg.train.batch_size, ctx.fed.num_classes, ctx.device
         z1, z2 = torch.randn(b, cfg.pga.z_dim, generator=gen), torch.randn(b, cfg.pga.z_dim, generator=gen)
         y1, y2 = torch.randint(k, (b,), generator=gen), torch.randint(k, (b,), generator=gen)
+        if cfg.pga.mode_seeking > 0:  # pairs (i, i + b/2) of fake batch 2 share a label
+            y2[b - b // 2:] = y2[:b // 2]
         representative = self.parties[int(torch.randint(len(self.parties), (), generator=gen))]
         self.g.train()
         with torch.no_grad():
@@ -197,7 +209,11 @@ class PGA:
             grad = live[representative].arrays["grad"]["fake2"]
             rho = min(max(noised_mean / g_rep, 0.0), cfg.pga.rho_max) if cfg.pga.aggregation == "ratio" else 1.0
         self.opt.zero_grad(set_to_none=True)
-        fake2.backward((rho * grad).to(device))
+        # the parties' gradient enters as d(fake2 . rho grad)/dθ = (d fake2/dθ)^T rho grad
+        objective = (fake2 * (rho * grad).to(device)).sum()
+        if cfg.pga.mode_seeking > 0:
+            objective = objective + cfg.pga.mode_seeking * mode_seeking_loss(fake2, z2.to(device))
+        objective.backward()
         self.opt.step()
         if self.ema is not None:
             self.ema.update_parameters(self.g)
