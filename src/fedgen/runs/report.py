@@ -281,8 +281,13 @@ def data(run: RunRecords) -> Section:
     return Section("data", "The data", blocks)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _by_round(rounds: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["round"], r[key]) for r in rounds if isinstance(r.get(key), int | float)]
+    """The rounds where `key` has a finite value (a DP run's silos report no loss on their data: NaN), and it."""
+    pts = [(r["round"], r[key]) for r in rounds if _finite(r.get(key))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
