@@ -211,7 +211,8 @@ def test_the_audit_says_its_verdict_in_words_and_labels_its_nearest_pairs(runs):
     pairs = np.asarray(Image.open(audit["memorisation_png"]).convert("L"))
     tile = 56  # 8-pixel digits scaled 7x
     assert pairs.shape == (2 * (tile + 2) + 26 + 2, 120 + 16 * (tile + 2) + 2)
-    assert (pairs[:, :110] < 128).any()  # the row labels: generated, training image
+    assert (pairs[:tile + 2, :110] < 128).any()  # the first row's label: generated
+    assert (pairs[tile + 2:2 * (tile + 2), :110] < 128).any()  # the second's: training image, its nearest
     assert (pairs[2 * (tile + 2):, 120:] < 128).any()  # each pair's distance and ratio under it
 
 

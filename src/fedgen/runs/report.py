@@ -209,7 +209,7 @@ def trained(run: RunRecords) -> Section:
              ("runtime", str(start.get("runtime", "unknown"))), ("device", str(start.get("device", "unknown"))),
              ("parameters", f"{start['num_params']:,}" if "num_params" in start else "unknown"),
              ("rounds", f"{len(run.rounds)} of {cfg.fl.rounds}"),
-             ("silos", f"{cfg.fl.clients}, {cfg.fl.clients_per_round} sampled per round"
+             ("silos", f"{cfg.fl.clients}, {cfg.fl.k} sampled per round"
               if not cfg.fl.centralized else "centralized baseline (all data in one place)"),
              ("image passes", cmp.passes(max(compute.values(), default=0.0)) + " (compute: see `fedgen compare`)"),
              ("wall time", _wall_time(run)),
