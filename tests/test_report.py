@@ -106,7 +106,8 @@ def test_the_report_of_a_pga_run_in_a_browser(runs, tmp_path):
     page = runs["pga"] / "report.html"
     assert f"report: {page}" in done
     dom = check_page(page, tmp_path / "pga.png", ONE_RUN)
-    for plot in ("each party's discriminator loss d_i", "each party's generator loss g_i", "PGA's rho"):
+    for plot in ("each party's discriminator loss d_i", "each party's generator loss g_i", "PGA's rho",
+                 "PGA's representatives"):
         assert f'alt="{plot}"' in dom
     assert "PGA's loss noise is a heuristic" in dom
 

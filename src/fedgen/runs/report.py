@@ -326,9 +326,13 @@ def training(run: RunRecords) -> Section:
             series = _per_party(rounds, key)
             if series:
                 row.append(Image(figures.lines(series, "round", key, what), what))
+        chosen = _per_party(rounds, "representatives")
+        if chosen:
+            row.append(Image(figures.lines(chosen, "round", "generator steps", "how often each party was the "
+                                           "representative (PGA)"), "PGA's representatives"))
         rho = {k: _by_round(rounds, k) for k in ("rho_mean", "rho_min", "rho_max")}
         if any(ys for _, ys in rho.values()):
-            row.append(Image(figures.lines(rho, "round", "ρ", "the aggregation ratios ρ (PGA)"), "PGA's rho"))
+            row.append(Image(figures.lines(rho, "round", "ρ", "the aggregation ratio ρ per round (PGA)"), "PGA's rho"))
     traffic = {k: _by_round(rounds, k) for k in ("bytes_down", "bytes_up")}
     if any(ys for _, ys in traffic.values()):
         mb = {k: (xs, [y / 1e6 for y in ys]) for k, (xs, ys) in traffic.items()}
