@@ -74,6 +74,31 @@ def _at_least(option: str, value: int, minimum: int, why: str) -> None:
         raise UsageError(f"{option} must be at least {minimum} ({why}), got {value}")
 
 
+def _refresh_report(run: Path) -> Path | None:
+    """Rewrite RUN/report.html after a command that added to the run; a report that cannot be written is a
+    warning, never the command's failure (its work is done and recorded)."""
+    from fedgen.runs.report import write_report
+
+    try:
+        path, _ = write_report([run])
+    except FedgenError as exc:
+        console.print(f"[yellow]warning:[/] {run / 'report.html'} not updated: {escape(str(exc))}", highlight=False)
+        return None
+    except Exception as exc:  # noqa: BLE001 - the command's own work is done; say what failed and go on
+        console.print(f"[yellow]warning:[/] {run / 'report.html'} not updated ({type(exc).__name__}: "
+                      f"{escape(str(exc))}); `fedgen report {run}` shows the traceback", highlight=False)
+        return None
+    return path
+
+
+def _train_summary(out: Path, report: Path | None) -> str:
+    """The one line `fedgen train` ends with: rounds, wall time, the last test loss, privacy, and the report."""
+    from fedgen.runs.report import read_run, summary_line
+
+    line = summary_line(read_run(out), with_privacy=False)  # training's last line has just said it
+    return f"{line}; report: {report} (open it in a browser)" if report else line
+
+
 # the options `sample` and `evaluate` share
 GuidanceOption = Annotated[float | None, typer.Option(help="classifier-free guidance scale (label-dropout models)")]
 RawOption = Annotated[bool, typer.Option("--raw", help="the plain global weights, not their EMA")]
@@ -180,6 +205,10 @@ def train(
                    echo=lambda line: console.print(line, highlight=False, markup=False))
         else:
             raise UsageError(f"unknown runtime {runtime!r}; expected local, flower-sim or flower")
+    if (out / "metrics.jsonl").exists():  # --runtime flower writes the run where the SuperLink runs
+        report = _refresh_report(out)
+        with _user_errors():
+            console.print(_train_summary(out, report), highlight=False)
 
 
 @app.command()
@@ -289,6 +318,8 @@ def evaluate(
     console.print(record_table(record, loaded.source))
     if "tstr_minus_local_mean" in record:  # the PGA paper's Tables 1-2
         console.print(tstr_table(record))
+    if (report := _refresh_report(run)) is not None:
+        console.print(f"report: {report}", highlight=False)
 
 
 @app.command()
@@ -313,7 +344,27 @@ def compare(
         path = out or runs[0] / f"compare-{used}.png"
         cmp.plot(series, used, path, x)
     console.print(cmp.table(series, budget, used, fell_back=metric is None and used != cmp.DEFAULT_METRICS[0]))
+    for line in cmp.missing(series, used):
+        console.print(f"note: {line}", highlight=False)
     console.print(f"plot: {path}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run directories (several: a comparison)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="the HTML file (default: RUN/report.html, the "
+                                                                 "first run's)")] = None,
+) -> None:
+    """One self-contained HTML page of what fedgen knows about a run (or a comparison of several): config, data,
+    training curves, samples, the privacy ledger and audits. Opens offline; printable."""
+    from fedgen.runs.report import write_report
+
+    with _user_errors():
+        if out is not None and out.suffix.lower() not in (".html", ".htm"):
+            raise UsageError(f"--out {out}: the report is an HTML page; name it .html")
+        path, seconds = write_report(runs, out)
+    size = path.stat().st_size
+    console.print(f"report: {path} ({size / 1e6:.2f} MB, {seconds:.1f}s)", highlight=False)
 
 
 @app.command()
@@ -336,10 +387,13 @@ def privacy(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
                       "directories were locked); each is read once, the later record", highlight=False)
     if not isinstance(entry, dict):
         console.print(f"privacy: {entry}", highlight=False)
-        return
-    console.print(ledger_table(entry))
-    for line in ledger_lines(entry):
-        console.print(line, highlight=False)
+    else:
+        start = next((r for r in rundir.read_metrics() if r.get("event") == "start"), {})
+        console.print(ledger_table(entry, len(start.get("client_sizes") or [])))
+        for line in ledger_lines(entry):
+            console.print(line, highlight=False)
+    if (report := _refresh_report(run)) is not None:
+        console.print(f"report: {report}", highlight=False)
 
 
 @app.command()
@@ -372,6 +426,13 @@ def audit(
     record = {"event": "audit", "round": loaded.round, "model": "global", **record}
     RunDir(run).log(record)
     console.print(record_table(record, f"privacy audit of {loaded.source}", compact=True))
+    from fedgen.evaluation.audit import verdict
+
+    for i, line in enumerate(verdict(record)):
+        console.print(("verdict: " if i == 0 else "  ") + line, highlight=False, markup=False)
+    console.print(f"nearest pairs: {record['memorisation_png']}", highlight=False)
+    if (report := _refresh_report(run)) is not None:
+        console.print(f"report: {report}", highlight=False)
 
 
 flower = typer.Typer(no_args_is_help=True, help="Deploy on Flower: certificates, a SuperLink, one SuperNode per silo.")

@@ -156,6 +156,8 @@ class LogConfig(_Section):
         256, ge=0, description="images per client and of the test set for the per-round loss (fixed t, noise)"
     )
     keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = Field(False, description="also log the per-round scalars and sample grids for TensorBoard, "
+                                                 "in RUN/tensorboard (needs the tensorboard extra)")
 
 
 class EvalConfig(_Section):
@@ -435,6 +437,7 @@ def ignored_settings(cfg: Config) -> list[tuple[str, str]]:
 
 # Keys whose change on an existing run directory does not alter what the run computes.
 RESUMABLE_CHANGES = ("fl.rounds", "train.device", "log.sample_every", "log.keep_checkpoints", "log.loss_eval_samples",
+                     "log.tensorboard",
                      "log.samples_per_class", "description",
                      "eval.every", "eval.samples", "eval.sampler", "eval.steps", "eval.bf16",
                      "eval.tstr", "eval.tstr_samples",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import beta as beta_dist
 from scipy.stats import rankdata
 
@@ -200,18 +200,90 @@ def memorisation(generated: torch.Tensor, train: torch.Tensor, k: int = 50, copy
 
 
 def pairs_image(generated: torch.Tensor, train: torch.Tensor, ratio: np.ndarray, nearest: np.ndarray, path,
-                count: int = 16) -> list[int]:
+                count: int = 16, distance: np.ndarray | None = None, copy_ratio: float | None = None) -> list[int]:
     """A PNG of the `count` generated images closest to a training image (lowest ratio), each above its nearest
-    training image; returns the generated indices shown."""
+    training image, labelled: the rows ("generated", "training: its nearest"), and under each pair its distance
+    `d` (L2 in pixels scaled to [-1, 1]) and ratio `r` (nearest / mean of the k nearest; below `copy_ratio`, drawn
+    red, a near copy). Returns the generated indices shown."""
     order = np.argsort(ratio, kind="stable")[:count]
     top, bottom = to_uint8(generated[order]), to_uint8(train[nearest[order]])
     h, w, c = top.shape[1:]
     scale = max(1, 56 // h)
-    canvas = Image.new("RGB", (len(order) * (w * scale + 2) + 2, 2 * (h * scale + 2) + 2), "white")
-    for col in range(len(order)):
+    tw, th = max(w * scale, 56), h * scale
+    label_w, text_h, pad = 120, 26, 2
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (label_w + len(order) * (tw + pad) + pad, 2 * (th + pad) + text_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, pad + th // 2 - 5), "generated", fill="black", font=font)
+    draw.text((4, 2 * pad + th + th // 2 - 11), "training image:", fill="black", font=font)
+    draw.text((4, 2 * pad + th + th // 2 + 1), "its nearest", fill="black", font=font)
+    draw.text((4, 2 * (th + pad) + 2), "d: distance", fill="black", font=font)
+    draw.text((4, 2 * (th + pad) + 13), "r: ratio", fill="black", font=font)
+    for col, i in enumerate(order):
+        x = label_w + pad + col * (tw + pad)
         for row, img in enumerate((top[col], bottom[col])):
-            tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB").resize((w * scale, h * scale),
+            tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB").resize((w * scale, th),
                                                                                        Image.NEAREST)
-            canvas.paste(tile, (2 + col * (w * scale + 2), 2 + row * (h * scale + 2)))
+            canvas.paste(tile, (x, pad + row * (th + pad)))
+        near_copy = copy_ratio is not None and ratio[i] < copy_ratio
+        colour = (200, 0, 0) if near_copy else (0, 0, 0)
+        if distance is not None:
+            draw.text((x, 2 * (th + pad) + 2), f"d {distance[i]:.2f}", fill=colour, font=font)
+        draw.text((x, 2 * (th + pad) + 13), f"r {ratio[i]:.2f}", fill=colour, font=font)
     canvas.save(path)
     return order.tolist()
+
+
+def roc_curve(member_scores: np.ndarray, other_scores: np.ndarray, points: int = 201) -> dict:
+    """The attack's ROC for plotting: FPR and TPR lists (at most `points` of them, rounded to 4 decimals)."""
+    tprs, fprs = roc_points(member_scores, other_scores)
+    if len(tprs) > points:
+        keep = np.unique(np.r_[np.linspace(0, len(tprs) - 1, points).round().astype(int), len(tprs) - 1])
+        tprs, fprs = tprs[keep], fprs[keep]
+    return {"fpr": [round(float(v), 4) for v in fprs], "tpr": [round(float(v), 4) for v in tprs]}
+
+
+ATTACKS = {"mia_loss": "loss-threshold membership attack (white-box)",
+           "mia_distance": "nearest-sample distance membership attack (black-box)"}
+
+
+def verdict(record: dict) -> list[str]:
+    """An audit record in plain words: per attack, whether it tells members from non-members better than chance
+    (its AUC's 95% interval above 0.5), whether it stays within the ledger's epsilon (DP runs), and whether the
+    generated images copy training images. The first line is the overall verdict."""
+    lines, leaks, breaks = [], [], []
+    for prefix, name in ATTACKS.items():
+        if f"{prefix}_auc" not in record:
+            continue
+        auc_, (lo, hi) = record[f"{prefix}_auc"], record[f"{prefix}_auc_ci"]
+        if lo > 0.5:
+            what = "tells members from non-members better than chance"
+            leaks.append(name)
+        else:
+            what = "does no better than chance (its interval contains 0.5)" if hi >= 0.5 else \
+                "scores below chance (no evidence of leakage)"
+        line = f"{name}: AUC {auc_:.3f} (95% interval {lo:.3f}-{hi:.3f}), {what}"
+        if f"{prefix}_respects_dp_bound" in record:
+            bound = record[f"{prefix}_epsilon_lower_bound_95"]
+            if record[f"{prefix}_respects_dp_bound"]:
+                line += f"; the ε it proves (95%: {bound:.3g}) is within the ledger's ε = {record['dp_epsilon']:.3g}"
+            else:
+                line += (f"; it proves ε ≥ {bound:.3g} with 95% confidence, MORE than the ledger's "
+                         f"ε = {record['dp_epsilon']:.3g}: the guarantee does not hold as implemented")
+                breaks.append(name)
+        lines.append(line)
+    if "memorisation_near_copies" in record:
+        copies = record["memorisation_near_copies"]
+        lines.append(f"memorisation: {copies} of {record['generated']} generated images "
+                     f"{'is a near copy' if copies == 1 else 'are near copies'} of a training image (distance to the "
+                     f"nearest below {record['memorisation_copy_ratio']:.2g} of the mean to the "
+                     f"{record['memorisation_neighbours']} nearest); median ratio "
+                     f"{record['memorisation_ratio_median']:.2f} (1 = no closer to one image than to the others)")
+    if breaks:
+        head = f"FAIL: {' and '.join(breaks)} exceeded the DP guarantee"
+    elif leaks or record.get("memorisation_near_copies", 0):
+        found = leaks + (["near copies of training images"] if record.get("memorisation_near_copies") else [])
+        head = f"LEAKAGE MEASURED: {'; '.join(found)}"
+    else:
+        head = "no leakage measured: no attack did better than chance and no generated image copies a training image"
+    return [head + " (an audit can show leakage, never prove its absence)", *lines]

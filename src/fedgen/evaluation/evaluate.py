@@ -113,7 +113,8 @@ def evaluate_model(sampler, cfg: Config, ds: ImageDataset, ev: EvalConfig, *, se
         syn = generate(sampler, labels_like(ds.train.labels, m, ds.num_classes), seed + 1, progress, "(TSTR set)")
         record["tstr_accuracy"] = tstr_accuracy(syn.images, syn.labels, to_tensor(ds.test.images),
                                                 torch.from_numpy(ds.test.labels), ds.num_classes,
-                                                epochs=ev.classifier_epochs, seed=info["seed"], device=device)
+                                                epochs=ev.classifier_epochs, seed=info["seed"], device=device,
+                                                progress=progress)
         record["tstr_generated"] = m
         record["tstr_sampling_s"] = round(syn.seconds, 2)
         record["real_train_real_test_accuracy"] = info["real_test_accuracy"]  # same CNN and recipe, real data

@@ -24,6 +24,7 @@ from fedgen.evaluation.evaluate import evaluate_model
 from fedgen.federation.algorithm import Algorithm, MakeAlgorithm, RoundContext, TrainingAborted
 from fedgen.federation.rundir import RunDir
 from fedgen.federation.silos import Federation
+from fedgen.federation.tracking import Tracker
 from fedgen.privacy.ledger import summary as privacy_summary
 from fedgen.report.grid import sample_grid
 
@@ -62,6 +63,15 @@ def train(cfg: Config, out: Path, console: Console, open_federation: OpenFederat
 
 def _train(cfg: Config, run: RunDir, device: torch.device, fed: Federation, console: Console,
            make_algorithm: MakeAlgorithm) -> RunDir:
+    tracker = Tracker(cfg.log.tensorboard, run.path / "tensorboard")  # a missing package fails here, first
+    try:
+        return _train_rounds(cfg, run, device, fed, console, make_algorithm, tracker)
+    finally:
+        tracker.close()
+
+
+def _train_rounds(cfg: Config, run: RunDir, device: torch.device, fed: Federation, console: Console,
+                  make_algorithm: MakeAlgorithm, tracker: Tracker) -> RunDir:
     ctx = RoundContext(cfg, run, fed, device, console)
     algorithm = make_algorithm(ctx)  # a model that cannot take the data fails here, before anything is written
     run.write_config(cfg)
@@ -89,6 +99,7 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed: Federation, cons
         _write_final_samples(ctx, algorithm, rounds)
         return run
     said_privacy = None  # a round line names the privacy state when it changes (every round under DP), not always
+    began = time.perf_counter()
     with progress_bar(console) as progress:
         ctx.progress = progress
         rounds_task = progress.add_task("rounds", total=rounds, completed=start)
@@ -100,6 +111,7 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed: Federation, cons
             # commit first: the round record, then the checkpoint. Samples and evaluation come after, so a failed
             # or killed evaluation never loses the round and a resume never repeats it.
             run.log(record)
+            tracker.record(record)
             run.save_checkpoint(algorithm.checkpoint(r + 1, meta), silo_models, keep=cfg.log.keep_checkpoints)
             privacy = privacy_summary(record["privacy"])
             console.print(f"round {r + 1}/{rounds}: {algorithm.summary(record)}, "
@@ -109,13 +121,19 @@ def _train(cfg: Config, run: RunDir, device: torch.device, fed: Federation, cons
             progress.advance(rounds_task)
             last_round = r + 1 == rounds
             if last_round or (cfg.log.sample_every and (r + 1) % cfg.log.sample_every == 0):
-                _after_commit(ctx, r + 1, "samples", partial(_write_samples, ctx, algorithm,
-                                                             run.samples / f"round_{r + 1:04d}.png"))
+                grid = run.samples / f"round_{r + 1:04d}.png"
+                _after_commit(ctx, r + 1, "samples", partial(_write_samples, ctx, algorithm, grid))
+                if grid.exists():
+                    tracker.image("samples", grid, r + 1)
             if cfg.eval.every and ((r + 1) % cfg.eval.every == 0 or last_round):
-                _after_commit(ctx, r + 1, "evaluate", partial(_log_evaluation, ctx, algorithm, r + 1))
+                _after_commit(ctx, r + 1, "evaluate", partial(_log_evaluation, ctx, algorithm, r + 1, tracker))
     _write_final_samples(ctx, algorithm, rounds)
-    console.print(f"{privacy_summary(algorithm.privacy.record(rounds))} after {rounds} rounds; the ledger: "
-                  f"fedgen privacy {run.path}", highlight=False)
+    entry = algorithm.privacy.record(rounds)
+    # the end of this invocation's training (a resumed or extended run has one per invocation)
+    run.log({"event": "end", "round": rounds, "rounds_trained": rounds - start,
+             "wall_s": round(time.perf_counter() - began, 3), "privacy": privacy_summary(entry)})
+    console.print(f"{privacy_summary(entry)} after {rounds} rounds; the ledger: fedgen privacy {run.path}",
+                  highlight=False)
     return run
 
 
@@ -146,9 +164,12 @@ def _write_samples(ctx: RoundContext, algorithm: Algorithm, path: Path) -> None:
     ctx.console.print(f"samples: {path} ({time.perf_counter() - t0:.1f}s)")
 
 
-def _log_evaluation(ctx: RoundContext, algorithm: Algorithm, round_idx: int) -> None:
-    ctx.run.log({"event": "evaluate", "round": round_idx, "model": "global", "weights": algorithm.weights,
-                 **_evaluate(ctx, algorithm)})
+def _log_evaluation(ctx: RoundContext, algorithm: Algorithm, round_idx: int, tracker: Tracker | None = None) -> None:
+    record = {"event": "evaluate", "round": round_idx, "model": "global", "weights": algorithm.weights,
+              **_evaluate(ctx, algorithm)}
+    ctx.run.log(record)
+    if tracker is not None:
+        tracker.record(record, prefix="evaluate")
 
 
 def _evaluate(ctx: RoundContext, algorithm: Algorithm) -> dict:

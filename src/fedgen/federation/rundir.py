@@ -38,6 +38,11 @@ from fedgen.core.records import State
 from fedgen.data.partition import Partition
 
 
+def now_utc() -> str:
+    """The wall clock as metrics.jsonl records it: UTC, ISO 8601, milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class RunDirError(FedgenError, RuntimeError):
     """The run directory cannot be used for this config."""
 
@@ -221,8 +226,12 @@ class RunDir:
 
     # metrics
     def log(self, record: dict) -> None:
+        """Append one record, stamped with the wall-clock `time` it was written (UTC, ISO 8601, milliseconds:
+        "2026-12-05T23:10:00.123Z"). The stamp is the only field that differs between two runs of one config; the
+        training itself never reads it."""
+        stamped = record if "time" in record else {**record, "time": now_utc()}
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(stamped) + "\n")
 
     def read_metrics(self) -> list[dict]:
         """The run's records, one `round` record per round (`dedupe_rounds`)."""

@@ -27,7 +27,7 @@ def record_table(record: dict, title: str, compact: bool = False) -> Table:
     significant digits, lists of floats to 4 decimals, the per-timestep calibration lists left out."""
     table = folding_table("metric", "value", title=title)
     for key, value in record.items():
-        if key in ("event", "round", "model") or (compact and key.endswith("_by_timestep")):
+        if key in ("event", "round", "model", "time") or (compact and key.endswith(("_by_timestep", "_roc"))):
             continue
         if not compact:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -48,15 +48,41 @@ def tstr_table(record: dict) -> Table:
     return table
 
 
-def ledger_table(entry: dict) -> Table:
-    """A round record's `privacy` entry: epsilon and every input of it, per silo (or the server's account)."""
-    parties = {"server": entry["server"]} if "server" in entry else entry["parties"]
-    table = folding_table("party", "epsilon", "delta", "noise multiplier σ", "sampling rate q", "steps",
-                          "planned steps", title=f"{entry['unit']}-level DP ({entry['mode']}), {entry['accountant']}")
+LEDGER_COLUMNS = ("party", "epsilon", "delta", "noise multiplier σ", "sampling rate q", "steps", "planned steps")
+
+
+def ledger_rows(entry: dict, silos: int = 0) -> list[list[str]]:
+    """The ledger's rows (LEDGER_COLUMNS), one per silo or the server's account. `silos`: how many silos the run
+    has; a silo that was never sampled has reported no account and is shown at ε = 0 (it released nothing), so
+    the rows cover every silo."""
+    if "server" in entry:
+        parties: dict = {"server": entry["server"]}
+    else:
+        parties = dict(entry["parties"])
+        for silo in range(silos):
+            parties.setdefault(str(silo), None)
+        parties = dict(sorted(parties.items(), key=lambda kv: int(kv[0])))
+    rows = []
     for name, rep in parties.items():
-        table.add_row(f"silo {name}" if name != "server" else "server (K of N clients)", f"{rep['epsilon']:.4g}",
-                      f"{rep['delta']:g}", f"{rep['noise_multiplier']:.4g}", f"{rep['sample_rate']:.4g}",
-                      str(rep["steps"]), str(rep["planned_steps"]))
+        who = f"silo {name}" if name != "server" else "server (K of N clients)"
+        if rep is None:
+            rows.append([who, "0", f"{entry['delta']:g}", "-", "-", "0", "- (never sampled)"])
+            continue
+        rows.append([who, f"{rep['epsilon']:.4g}", f"{rep['delta']:g}", f"{rep['noise_multiplier']:.4g}",
+                     f"{rep['sample_rate']:.4g}", str(rep["steps"]), str(rep["planned_steps"])])
+    return rows
+
+
+def ledger_title(entry: dict) -> str:
+    return f"{entry['unit']}-level DP ({entry['mode']}), {entry['accountant']}"
+
+
+def ledger_table(entry: dict, silos: int = 0) -> Table:
+    """A round record's `privacy` entry: epsilon and every input of it, per silo (every one of the run's `silos`,
+    the never-sampled at ε = 0) or the server's account."""
+    table = folding_table(*LEDGER_COLUMNS, title=ledger_title(entry))
+    for row in ledger_rows(entry, silos):
+        table.add_row(*row)
     return table
 
 

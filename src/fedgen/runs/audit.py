@@ -68,6 +68,7 @@ def _attack_record(prefix: str, members: np.ndarray, others: np.ndarray, seed: i
     out = {f"{prefix}_{k}": v for k, v in audit.attack_stats(members, others).items()}
     out |= {f"{prefix}_{k}": v for k, v in audit.bootstrap_intervals(members, others, seed=seed).items()}
     out[f"{prefix}_targets"] = [len(members), len(others)]
+    out[f"{prefix}_roc"] = audit.roc_curve(members, others)
     if privacy is not None:
         out |= {f"{prefix}_{k}": v for k, v in audit.dp_check(members, others, privacy["epsilon"],
                                                                privacy["delta"]).items()}
@@ -111,7 +112,8 @@ def audit_run(path: Path, loaded: LoadedModel, *, n: int = 1000, generated: int 
     mem = audit.memorisation(fake.images, train_x, copy_ratio=copy_ratio)
     png = run.path / "audit" / f"nearest_pairs_round_{loaded.round:04d}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
-    audit.pairs_image(fake.images, train_x, mem["ratio"], mem["nearest"], png)
+    audit.pairs_image(fake.images, train_x, mem["ratio"], mem["nearest"], png, distance=mem["nearest_distance"],
+                      copy_ratio=copy_ratio)
     record |= {"memorisation_ratio_median": float(np.median(mem["ratio"])),
                "memorisation_ratio_min": float(mem["ratio"].min()),
                "memorisation_near_copies": int((mem["ratio"] < copy_ratio).sum()),

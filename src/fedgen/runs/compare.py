@@ -128,28 +128,60 @@ def compare(runs: list[Path], metric: str | None = None) -> tuple[list[Series], 
     return series, budget, name
 
 
-def plot(series: list[Series], metric: str, path: Path, x: str = "compute") -> None:
-    """A PNG of the metric against image passes (x='compute') or rounds, one line per run, labelled."""
+def how_to_get(metric: str) -> str:
+    """How a run comes to have `metric` in its metrics.jsonl."""
+    if metric.startswith(("global_", "loss", "d_", "g_", "rho", "bytes")):
+        return "it is logged every round by this algorithm only"
+    if metric.startswith("tstr") or metric.startswith("local_real"):
+        return "run `fedgen evaluate RUN --tstr`"
+    if metric.startswith("mia_") or metric.startswith("memorisation"):
+        return "run `fedgen audit RUN`"
+    return "run `fedgen evaluate RUN` (or train with eval.every)"
+
+
+def missing(series: list[Series], metric: str) -> list[str]:
+    """One line per run without the metric: it is not in the table's values nor in the plot, and how to get it."""
+    return [f"{s.run.name} has no {metric} and is not plotted: {how_to_get(metric).replace('RUN', str(s.run))}"
+            for s in series if not s.values]
+
+
+def legend(s: Series) -> str:
+    """A run's name in a plot legend, with what differs (its label) where that is not the name itself."""
+    return s.run.name if s.label == s.run.name else f"{s.run.name}: {s.label}"
+
+
+def figure(series: list[Series], metric: str, x: str = "compute"):
+    """The metric against image passes (x='compute') or rounds, one line per run, named; runs without the metric
+    named under the plot. A matplotlib Figure (close it after saving)."""
     import matplotlib  # plotting only; the backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.subplots()
     for s in series:
         if not s.values:
             continue
         xs = [c / 1e6 for c in s.compute] if x == "compute" else s.rounds
-        ax.plot(xs, s.values, marker="o" if len(xs) < 40 else None, ms=3, label=s.label)
+        ax.plot(xs, s.values, marker="o" if len(xs) < 40 else None, ms=3, label=legend(s))
     ax.set_xlabel("training compute (million image passes)" if x == "compute" else "round")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} ({better(metric)} is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    absent = [s.run.name for s in series if not s.values]
+    if absent:
+        fig.text(0.01, 0.01, f"not plotted (no {metric}): {', '.join(absent)}", fontsize=7, color="firebrick")
+    fig.tight_layout(rect=(0, 0.04 if absent else 0, 1, 1))
+    return fig
+
+
+def plot(series: list[Series], metric: str, path: Path, x: str = "compute") -> None:
+    """A PNG of `figure`."""
+    fig = figure(series, metric, x)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
 
 
 def table(series: list[Series], budget: float, used: str, fell_back: bool = False) -> Table:

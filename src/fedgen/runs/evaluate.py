@@ -50,7 +50,7 @@ def evaluate_run(run: Path, *, client: int | None = None, raw: bool = False, n: 
     ds = load_reference(loaded.cfg.data)
     record = evaluate_model(labelled, loaded.cfg, ds, ev, seed=seed, log=log, progress=progress)
     if ev.tstr and client is None and baselines:  # each silo's own CNN: as costly as TSTR itself
-        record |= _silo_baselines(run, loaded.cfg, ds, ev, log)
+        record |= _silo_baselines(run, loaded.cfg, ds, ev, log, progress)
         if "local_real_accuracy_mean" in record:
             record["tstr_minus_local_mean"] = record["tstr_accuracy"] - record["local_real_accuracy_mean"]
     record = {"event": "evaluate", "round": loaded.round, "model": "global" if client is None else f"client {client}",
@@ -59,7 +59,8 @@ def evaluate_run(run: Path, *, client: int | None = None, raw: bool = False, n: 
     return record, loaded
 
 
-def _silo_baselines(run: Path, cfg: Config, ds: ImageDataset, ev: EvalConfig, log: Callable[[str], None]) -> dict:
+def _silo_baselines(run: Path, cfg: Config, ds: ImageDataset, ev: EvalConfig, log: Callable[[str], None],
+                    progress=None) -> dict:
     """Each silo's CNN on its own real data (the PGA paper's "local" column), where this machine holds the run's
     training data and its partition.json has the silos' indices (in-process and flower-sim runs)."""
     part, _ = RunDir(run).partition()
@@ -67,5 +68,5 @@ def _silo_baselines(run: Path, cfg: Config, ds: ImageDataset, ev: EvalConfig, lo
     train, test = SiloData.of(train_split.images, train_split.labels), SiloData.of(ds.test.images, ds.test.labels)
     log(f"training {len(part.client_indices)} silo baselines (each silo's CNN on its own data)")
     return silo_baselines(train.images, train.labels, part.client_indices, test.images, test.labels,
-                          ds.num_classes, epochs=ev.classifier_epochs, seed=0)
+                          ds.num_classes, epochs=ev.classifier_epochs, seed=0, progress=progress)
 
