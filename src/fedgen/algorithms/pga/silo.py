@@ -167,7 +167,8 @@ class PGASilo:
         fake2, labels2 = batch["fake2"].to(self.device), batch["labels2"].to(self.device)
         self.d.train()
         # the augmentation's draws are public randomness (a function of the run seed), apart from the DP noise
-        augment = generator(cfg.train.seed, "pga-augment", round_idx, step, self.silo)
+        augment = generator(cfg.train.seed, "pga-augment", round_idx, step, self.silo) if cfg.pga.diffaugment \
+            else None
         if self.private:
             gen, d_i = self._private_d_step(round_idx, step, fake1, labels1, augment)
             real_loss = None
@@ -205,7 +206,7 @@ class PGASilo:
         return Reply(self.silo, arrays=arrays, config=config)
 
     def _private_d_step(self, round_idx: int, step: int, fake1: torch.Tensor, labels1: torch.Tensor,
-                        augment: torch.Generator):
+                        augment: torch.Generator | None):
         """One DP-SGD step of the discriminator: a Poisson sample of the party's real images and fake batch 1 in
         one batch, every row's gradient clipped, noise from the party's secret generator. Returns that generator
         (it also draws the PGA loss noise) and d_i, the loss on the fakes."""
