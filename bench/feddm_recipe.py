@@ -35,6 +35,16 @@ VARIANTS: dict[str, list[str]] = {
     "v+min-snr+lr-decay": ["train.lr_decay_rounds=30"],
     "v+min-snr+label-dropout": ["train.label_dropout=0.1"],
     "v+min-snr+lr-decay+label-dropout": ["train.lr_decay_rounds=30", "train.label_dropout=0.1"],
+    "v+min-snr+log-normal": ["diffusion.timestep_sampling=log-normal"],  # EDM's noise levels
+    "v+min-snr+warmup": ["train.warmup_steps=8"],  # a quarter of a client's ~31 local steps
+    "x0+min-snr": ["diffusion.prediction=x0"],
+    "v+min-snr+adam-0.99": ["train.adam_betas=[0.9, 0.99]"],
+    "v+min-snr+batch-64": ["train.batch_size=64"],  # the same image passes in half the steps
+    "v+min-snr+wide": ["model.arch=custom", "model.block_out_channels=[48, 96, 96]", "model.layers_per_block=1",
+                       "model.attention_levels=[]"],  # about 2.2x the parameters and arithmetic
+    # the centralized twin at the same image passes (30 rounds x 2 clients x 1 epoch of ~1,000 images = 6 epochs
+    # of the 10,000): how far the federated split is from one party holding all the data
+    "v+min-snr+central": ["fl.centralized=true", "fl.rounds=6"],
 }
 
 
@@ -77,6 +87,8 @@ def main() -> None:
     p.add_argument("--variants", default="eps,v+min-snr", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--set", action="append", default=[], metavar="NAME=KEY=VALUE",
                    help="an extra variant: its name, then one override (repeat for more overrides)")
+    p.add_argument("--set-all", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every variant (e.g. train.cpu_threads=1 when two benches share the machine)")
     p.add_argument("--preset", default="fmnist-quick")
     p.add_argument("--runs", type=Path, default=Path("bench/results/recipe"))
     p.add_argument("--n", type=int, default=2000, help="samples for domain FID and label agreement")
@@ -89,6 +101,7 @@ def main() -> None:
     for item in args.set:
         name, override = item.split("=", 1)
         variants.setdefault(name, []).append(override)
+    variants = {name: args.set_all + sets for name, sets in variants.items()}
     args.runs.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, sets in variants.items():

@@ -51,14 +51,22 @@ class DiffusionConfig(_Section):
     schedule: Literal["linear", "cosine"] = Field(
         "linear", description="linear: DDPM's [1e-4, 0.02] rescaled by 1000/T so that alpha_bar_T ~ 0"
     )
-    prediction: Literal["epsilon", "v"] = Field(
-        "epsilon", description="what the U-Net predicts: epsilon (the paper, eq. 2) or v = sqrt(abar) eps - "
-        "sqrt(1 - abar) x0 (Salimans & Ho 2022)"
+    prediction: Literal["epsilon", "v", "x0"] = Field(
+        "epsilon", description="what the U-Net predicts: epsilon (the paper, eq. 2), v = sqrt(abar) eps - "
+        "sqrt(1 - abar) x0 (Salimans & Ho 2022) or x0, the clean image"
     )
     min_snr_gamma: float | None = Field(
         None, gt=0, description="weight each image's loss by min-SNR-gamma (Hang et al. 2023; 5 in the paper): "
-        "min(SNR(t), gamma)/SNR(t) for epsilon, /(SNR(t)+1) for v; None: eq. (2)'s uniform weights"
+        "min(SNR(t), gamma)/SNR(t) for epsilon, /(SNR(t)+1) for v, min(SNR(t), gamma) for x0; None: eq. (2)'s "
+        "uniform weights"
     )
+    timestep_sampling: Literal["uniform", "log-normal"] = Field(
+        "uniform", description="how training draws t: uniform on 1..T (eq. 2), or log-normal in the noise level "
+        "sigma_t = sqrt((1 - abar_t) / abar_t), ln sigma ~ N(lognormal_mean, lognormal_std^2), rounded to the "
+        "nearest of the T levels (EDM's training distribution, Karras et al. 2022)"
+    )
+    lognormal_mean: float = Field(-1.2, description="log-normal timestep sampling: the mean of ln sigma (EDM)")
+    lognormal_std: float = Field(1.2, gt=0, description="log-normal timestep sampling: the sd of ln sigma (EDM)")
     sigma: Literal["beta", "beta-tilde"] = Field("beta-tilde", description="ancestral sampler variance, eq. (3)")
     guidance: float = Field(
         1.0, ge=0, description="classifier-free guidance scale w (1: plain conditional; needs train.label_dropout)"
@@ -139,6 +147,12 @@ class TrainConfig(_Section):
         "extending fl.rounds keeps it); None: constant"
     )
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="the decay's end, as a share of train.lr")
+    warmup_steps: int = Field(
+        0, ge=0, description="FedDM: linear warm-up of the local learning rate over the first this many optimiser "
+        "steps of every local update (each round starts a fresh Adam, whose first steps move every weight by "
+        "about the learning rate); 0: none"
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="FedDM: the local Adam's (beta1, beta2)")
     label_dropout: float = Field(
         0.0, ge=0, lt=1, description="share of training labels replaced by a null class (enables classifier-free "
         "guidance)"
@@ -147,6 +161,12 @@ class TrainConfig(_Section):
         0.998, ge=0, lt=1, description="FedDM: EMA of the global weights, updated by the server after each "
         "aggregation (decay min(ema_decay, (1+n)/(10+n)) at update n); sample/evaluate use it by default; 0: off"
     )
+
+    @model_validator(mode="after")
+    def _adam_betas(self) -> TrainConfig:
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas {self.adam_betas}: each must be in [0, 1)")
+        return self
 
 
 class LogConfig(_Section):

@@ -54,6 +54,15 @@ class TrainSettings:
     min_snr_gamma: float | None = None  # loss weighting (diffusion/loss.py); None: uniform, eq. (2)
     lr_decay_rounds: int | None = None  # cosine decay of lr over these rounds (None: constant)
     lr_final_ratio: float = 0.1
+    warmup_steps: int = 0  # linear warm-up of the lr over each local update's first steps (0: none)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    timestep_sampling: str = "uniform"  # diffusion/loss.py draw_timesteps
+    lognormal: tuple[float, float] = (-1.2, 1.2)
+
+    def warmup_factor(self, step: int) -> float:
+        """The share of the round's learning rate used at local step `step` (0-based): (step + 1) / warmup_steps
+        during the warm-up, then 1."""
+        return 1.0 if step >= self.warmup_steps else (step + 1) / self.warmup_steps
 
     def lr_at(self, round_idx: int) -> float:
         """The local learning rate of round `round_idx` (0-based): cosine from `lr` to `lr_final_ratio * lr` over
@@ -164,7 +173,7 @@ class LocalUpdate:
         model.load_state_dict(global_state)
         model.train()
         lr = settings.lr_at(round_idx)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=settings.adam_betas)
         if settings.keep_optimizer and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
             for group in optimizer.param_groups:  # the saved state carries the lr of its own round
@@ -176,7 +185,10 @@ class LocalUpdate:
             gen, steps = generator(settings.seed, "fit", round_idx, self.silo), PlainSteps(optimizer, before_step)
         losses = _LossLog(self.silo, round_idx)
         try:
-            for idx in steps.batches(len(self.data), settings.batch_size, settings.epochs, gen):
+            for step, idx in enumerate(steps.batches(len(self.data), settings.batch_size, settings.epochs, gen)):
+                if step <= settings.warmup_steps:  # the step after the warm-up restores the round's lr
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * settings.warmup_factor(step)
                 x0 = self.data.images[idx]
                 if settings.hflip:
                     x0 = random_hflip(x0, gen)
@@ -191,7 +203,9 @@ class LocalUpdate:
                     losses.skip()
                 else:
                     per_row = diffusion_loss(model, self.scheduler, x0, y, gen, autocast_bf16=settings.bf16,
-                                             reduction="none", min_snr_gamma=settings.min_snr_gamma)
+                                             reduction="none", min_snr_gamma=settings.min_snr_gamma,
+                                             timestep_sampling=settings.timestep_sampling,
+                                             lognormal=settings.lognormal)
                     losses.add(per_row.detach().mean())
                     steps.step(per_row, len(idx))
                 if remedy is not None:

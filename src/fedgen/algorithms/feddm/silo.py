@@ -37,7 +37,10 @@ def train_settings(cfg: Config, num_classes: int) -> TrainSettings:
     return TrainSettings(epochs=cfg.fl.local_epochs, batch_size=t.batch_size, lr=t.lr, hflip=cfg.data.hflip,
                          bf16=t.bf16, seed=t.seed, label_dropout=t.label_dropout, null_label=num_classes,
                          keep_optimizer=cfg.fl.centralized, min_snr_gamma=cfg.diffusion.min_snr_gamma,
-                         lr_decay_rounds=t.lr_decay_rounds, lr_final_ratio=t.lr_final_ratio)
+                         lr_decay_rounds=t.lr_decay_rounds, lr_final_ratio=t.lr_final_ratio,
+                         warmup_steps=t.warmup_steps, adam_betas=t.adam_betas,
+                         timestep_sampling=cfg.diffusion.timestep_sampling,
+                         lognormal=(cfg.diffusion.lognormal_mean, cfg.diffusion.lognormal_std))
 
 
 def planned_rounds(cfg: Config, silo: int) -> int:
