@@ -49,6 +49,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fmnist-5-acgan-sn": ("pga-fmnist-5-quick", ["pga.loss=acgan", "pga.spectral_norm=true"]),
     "fmnist-5-acgan-diffaugment": ("pga-fmnist-5-quick", ["pga.loss=acgan", "pga.diffaugment=true"]),
     "fmnist-5-acgan-ms": ("pga-fmnist-5-quick", ["pga.loss=acgan", "pga.mode_seeking=1"]),
+    # the hinge loss makes g_i signed, so it cannot go with the ratio reading: compare with fmnist-5-mean-acgan
+    "fmnist-5-mean-acgan-hinge": ("pga-fmnist-5-quick", ["pga.aggregation=mean", "pga.loss=acgan",
+                                                         "pga.adversarial=hinge"]),
 }
 
 

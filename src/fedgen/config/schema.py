@@ -224,6 +224,11 @@ class PGAConfig(_Section):
         "each discriminator sees the image alone and also classifies it (an auxiliary classifier trained on the "
         "party's real images; Odena et al. 2017), and g_i adds that classifier's cross-entropy on the fakes' labels"
     )
+    adversarial: Literal["bce", "hinge"] = Field(
+        "bce", description="the real-vs-fake loss: bce, the non-saturating GAN loss (the paper); hinge: each "
+        "discriminator minimises relu(1 - D(real)) + relu(1 + D(fake)) and g_i = -D(fake) (Lim & Ye 2017; "
+        "SN-GAN's loss). With hinge, g_i is signed: use pga.aggregation mean or literal, not ratio"
+    )
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator's weights (and BatchNorm "
                              "statistics), updated after every generator step with decay min(ema_decay, (1+n)/(10+n)) "
                              "at step n; sample/evaluate use it (--raw: the generator itself); 0: off (the paper)")
@@ -399,6 +404,10 @@ class Config(_Section):
             raise ValueError("pga.spectral_norm with privacy.mode=dp-sgd: Opacus computes per-sample gradients "
                              "of a layer's own weight, not through the parametrisation spectral normalisation puts "
                              "on it; turn one of them off")
+        if self.pga.adversarial == "hinge" and self.pga.aggregation == "ratio":
+            raise ValueError("pga.adversarial=hinge with pga.aggregation=ratio: the ratio divides the noised mean "
+                             "by the representative's loss, and the hinge generator loss -D(fake) has no sign "
+                             "(set pga.aggregation to mean or literal)")
         return self
 
 

@@ -1,9 +1,9 @@
 """A PGA party: it keeps its real data and its own discriminator (of its own architecture) and answers one
 request per generator step (docs/DESIGN.md, PGA):
 
-1. one discriminator step (BCE, Adam; with `pga.loss = "acgan"` also the auxiliary classifier's cross-entropy on the
+1. one discriminator step (BCE, or hinge with `pga.adversarial`; Adam; with `pga.loss = "acgan"` also the auxiliary classifier's cross-entropy on the
    real batch) on (a real batch of its own, fake batch 1); d_i = its loss on fake batch 1;
-2. g_i = BCE(D_i(fake batch 2), 1) (plus, with acgan, the classifier's cross-entropy on the labels of fake batch 2)
+2. g_i = BCE(D_i(fake batch 2), 1) (hinge: -D_i(fake batch 2); plus, with acgan, the classifier's cross-entropy on the labels of fake batch 2)
    with the updated discriminator, and the noised g_i + N(0, (ratio * d_i)^2);
 3. where asked (the step's representative, or every party in `mean` mode), dg_i/d(fake batch 2).
 
@@ -67,17 +67,25 @@ class PGASilo:
         return self.cfg.pga.loss == "acgan"
 
     def _loss(self, x: torch.Tensor, labels: torch.Tensor, real: bool | torch.Tensor, classify: bool | torch.Tensor,
-              augment: torch.Generator | None, reduction: str = "mean") -> torch.Tensor:
-        """The discriminator's loss on `x` labelled real (1) or fake (0), plus, with the auxiliary classifier
-        (pga.loss = "acgan") where `classify`, its cross-entropy against `labels`. `real` and `classify` are one
-        value for the batch or one per row; per row with reduction="none". With pga.diffaugment, `x` is first
-        augmented with draws from `augment`."""
+              augment: torch.Generator | None, reduction: str = "mean", generator_side: bool = False) -> torch.Tensor:
+        """The discriminator's loss on `x` labelled real (1) or fake (0), or with `generator_side` the generator's
+        loss g_i on fakes, plus, with the auxiliary classifier (pga.loss = "acgan") where `classify`, its
+        cross-entropy against `labels`. `real` and `classify` are one value for the batch or one per row; per row
+        with reduction="none". With pga.diffaugment, `x` is first augmented with draws from `augment`.
+        The real-vs-fake term (pga.adversarial): bce, where the generator's non-saturating loss is the
+        discriminator's loss with the label "real"; or hinge, relu(1 - D) on real, relu(1 + D) on fake, and -D
+        for the generator."""
         if self.cfg.pga.diffaugment:
             x = diff_augment(x, augment)
         out = self.d(x, labels)
         logit = out[:, 0] if self.auxiliary else out
-        target = torch.as_tensor(real, dtype=logit.dtype, device=self.device).expand(len(x))
-        loss = nn.functional.binary_cross_entropy_with_logits(logit, target, reduction=reduction)
+        if self.cfg.pga.adversarial == "hinge":
+            is_real = torch.as_tensor(real, device=self.device).expand(len(x))
+            rows = -logit if generator_side else torch.where(is_real, (1 - logit).relu(), (1 + logit).relu())
+            loss = rows.mean() if reduction == "mean" else rows
+        else:
+            target = torch.as_tensor(real, dtype=logit.dtype, device=self.device).expand(len(x))
+            loss = nn.functional.binary_cross_entropy_with_logits(logit, target, reduction=reduction)
         if self.auxiliary:
             ce = nn.functional.cross_entropy(out[:, 1:], labels, reduction="none")
             ce = torch.where(torch.as_tensor(classify, device=self.device), ce, torch.zeros_like(ce))
@@ -186,7 +194,7 @@ class PGASilo:
         if self.dp is not None:  # the feedback is post-processing of the DP discriminator: no per-sample work
             self.dp.module.disable_hooks()
         try:
-            g = self._loss(fake2, labels2, real=True, classify=True, augment=augment)
+            g = self._loss(fake2, labels2, real=True, classify=True, augment=augment, generator_side=True)
             arrays = {}
             if c.get("want_grad"):
                 (grad,) = torch.autograd.grad(g, fake2)
