@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/runtime_overhead.py [--workloads tiny,fmnist-quick] [--rounds 3]
         [--runtimes local,flower-sim,flower] [--out bench/results/runtime_overhead.json]
+    .venv/bin/python bench/runtime_overhead.py --workloads smoke --runtimes local,flower-sim \
+        --clients 10,100,1000 --per-round 10 --rounds 3      # the N sweep: many virtual clients, K of them a round
+
+With --clients, each workload runs once per N with `fl.clients=N`, `fl.clients_per_round=K` (--per-round) and an
+IID split, and the table adds the start-up (launch to the first round) and the peak memory of the run's processes
+(fedgen and everything it started, Ray's included: the sum of their resident sets, sampled every 0.2 s).
 
 Workloads are presets (FedDM or PGA; for PGA the table adds generator steps per second). Each (workload, runtime)
 trains a fresh run of the preset with `fl.rounds` set to --rounds and one CPU thread per
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -34,15 +41,38 @@ from fedgen.runtimes.flower.deploy.local import LocalDeployment
 BIN = Path(sys.executable).parent
 
 
-def _train(runtime: str, preset: str, rounds: int, out: Path, flags: list[str]) -> float:
-    sets = [f"fl.rounds={rounds}", "train.cpu_threads=1"]
+def _rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and its live descendants (Linux /proc)."""
+    from fedgen.runtimes.flower.simulation import descendants
+
+    total = 0
+    for p in {pid} | descendants(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def _train(runtime: str, preset: str, rounds: int, out: Path, flags: list[str],
+           extra_sets: tuple[str, ...] = ()) -> tuple[float, int]:
+    """Wall seconds of `fedgen train`, and the peak memory of its processes."""
+    sets = [f"fl.rounds={rounds}", "train.cpu_threads=1", *extra_sets]
     cmd = [str(BIN / "fedgen"), "train", "--preset", preset, "--runtime", runtime, "--out", str(out), *flags,
            *[a for s in sets for a in ("--set", s)]]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - t0
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _rss_bytes(proc.pid))
+            time.sleep(0.2)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read()[-4000:]}")
+    return seconds, peak
 
 
 def _deployed(preset: str, rounds: int, out: Path, clients: int) -> float:
@@ -53,7 +83,7 @@ def _deployed(preset: str, rounds: int, out: Path, clients: int) -> float:
         dep.start_superlink(certs)
         for silo in range(clients):
             dep.start_supernode(certs, silo, certs / f"node-{silo + 1}")
-        return _train("flower", preset, rounds, out, ["--superlink", dep.superlink, "--certs", str(certs)])
+        return _train("flower", preset, rounds, out, ["--superlink", dep.superlink, "--certs", str(certs)])[0]
 
 
 def main() -> None:
@@ -61,42 +91,64 @@ def main() -> None:
     ap.add_argument("--workloads", default="tiny,fmnist-quick")
     ap.add_argument("--runtimes", default="local,flower-sim,flower")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", default=None, help="the N sweep: comma-separated fl.clients values")
+    ap.add_argument("--per-round", type=int, default=10, help="the N sweep: fl.clients_per_round (K)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/runtime_overhead.json"))
     args = ap.parse_args()
     from fedgen import config as config_mod
 
     rows = []
+    sweep = [int(n) for n in args.clients.split(",")] if args.clients else [None]
     for preset in args.workloads.split(","):
-        clients = config_mod.load(preset).fl.clients
-        for runtime in args.runtimes.split(","):
-            out = Path("bench/results/runtimes") / f"{preset}-{runtime}"
-            shutil.rmtree(out, ignore_errors=True)
-            if runtime == "flower":
-                wall = _deployed(preset, args.rounds, out, clients)
-            else:
-                wall = _train(runtime, preset, args.rounds, out, [])
-            records = RunDir(out).read_metrics()
-            rounds = [r for r in records if r["event"] == "round"]
-            per_round = statistics.median(r["time_s"] for r in rounds)
-            rows.append({"workload": preset, "runtime": runtime, "rounds": len(rounds), "wall_s": round(wall, 1),
-                         "median_round_s": per_round,
-                         "outside_rounds_s": round(wall - sum(r["time_s"] for r in rounds), 1),
-                         "bytes_per_round": statistics.median(r["bytes_down"] + r["bytes_up"]
-                                                              + r.get("bytes_eval_down", 0) for r in rounds)})
-            if "steps" in rounds[0]:  # PGA: generator steps per second
-                rows[-1]["generator_steps_per_s"] = round(rounds[0]["steps"] / per_round, 2)
-            print(f"{preset:<13} {runtime:<10} median round {per_round:7.2f}s  wall {wall:7.1f}s", flush=True)
+        for n in sweep:
+            clients = n or config_mod.load(preset).fl.clients
+            sets = () if n is None else (f"fl.clients={n}", f"fl.clients_per_round={min(args.per_round, n)}",
+                                         "data.partition=iid")
+            for runtime in args.runtimes.split(","):
+                rows.append(_measure(preset, runtime, args.rounds, clients, sets))
     for row in rows:
-        base = next(r for r in rows if r["workload"] == row["workload"] and r["runtime"] == "local")
+        base = next(r for r in rows if r["workload"] == row["workload"] and r["runtime"] == "local"
+                    and r["clients"] == row["clients"])
         row["round_ratio_vs_local"] = round(row["median_round_s"] / base["median_round_s"], 2)
-    print(f"\n{'workload':<13} {'runtime':<10} {'round s':>8} {'x local':>8} {'other s':>10} {'MB/round':>9}")
+    print(f"\n{'workload':<13} {'N':>5} {'runtime':<10} {'round s':>8} {'x local':>8} {'start s':>8} {'other s':>8} "
+          f"{'MB/round':>9} {'peak MB':>8}")
     for r in rows:
-        print(f"{r['workload']:<13} {r['runtime']:<10} {r['median_round_s']:>8.2f} {r['round_ratio_vs_local']:>8.2f} "
-              f"{r['outside_rounds_s']:>10.1f} {r['bytes_per_round'] / 1e6:>9.2f}")
+        print(f"{r['workload']:<13} {r['clients']:>5} {r['runtime']:<10} {r['median_round_s']:>8.2f} "
+              f"{r['round_ratio_vs_local']:>8.2f} {r['startup_s']:>8.1f} {r['outside_rounds_s']:>8.1f} "
+              f"{r['bytes_per_round'] / 1e6:>9.2f} {r['peak_memory_bytes'] / 2**20:>8.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device_name(torch.device("cpu")), "rounds": args.rounds, "note": "one CPU thread per client"}
+    meta = {"device": device_name(torch.device("cpu")), "rounds": args.rounds, "note": "one CPU thread per client",
+            "clients_per_round": args.per_round if args.clients else None}
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {args.out}")
+
+
+def _measure(preset: str, runtime: str, rounds: int, clients: int, sets: tuple[str, ...]) -> dict:
+    name = f"{preset}-{runtime}" + (f"-n{clients}" if sets else "")
+    out = Path("bench/results/runtimes") / name
+    shutil.rmtree(out, ignore_errors=True)
+    launched = datetime.now(UTC)
+    if runtime == "flower":
+        wall, peak = _deployed(preset, rounds, out, clients), 0  # processes not below this one: not measured
+    else:
+        wall, peak = _train(runtime, preset, rounds, out, [], sets)
+    records = RunDir(out).read_metrics()
+    rounds_done = [r for r in records if r["event"] == "round"]
+    start = next(r for r in records if r["event"] == "start")
+    per_round = statistics.median(r["time_s"] for r in rounds_done)
+    row = {"workload": preset, "runtime": runtime, "clients": clients, "overrides": list(sets),
+           "rounds": len(rounds_done), "wall_s": round(wall, 1), "median_round_s": per_round,
+           "round_times_s": [r["time_s"] for r in rounds_done],
+           "startup_s": round((datetime.fromisoformat(start["time"]) - launched).total_seconds(), 1),
+           "outside_rounds_s": round(wall - sum(r["time_s"] for r in rounds_done), 1),
+           "peak_memory_bytes": peak,
+           "bytes_per_round": statistics.median(r["bytes_down"] + r["bytes_up"] + r.get("bytes_eval_down", 0)
+                                                for r in rounds_done)}
+    if "steps" in rounds_done[0]:  # PGA: generator steps per second
+        row["generator_steps_per_s"] = round(rounds_done[0]["steps"] / per_round, 2)
+    print(f"{preset:<13} N={clients:<5} {runtime:<10} median round {per_round:7.2f}s  start-up "
+          f"{row['startup_s']:6.1f}s  wall {wall:7.1f}s  peak {peak / 2**20:6.0f} MB", flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ client split, and the real splits a coordinator that holds the dataset scores ag
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -71,6 +73,29 @@ class FederatedData:
         return self.dataset if self.cfg.data.max_train_samples is None else load_reference(self.cfg.data)
 
 
+_SPLITS: OrderedDict[str, tuple[ImageDataset, Partition]] = OrderedDict()
+SPLITS_KEPT = 2  # a process serves one run at a time; two let a resumed or neighbouring run keep its own
+
+
+def shared_split(cfg: Config) -> tuple[ImageDataset, Partition]:
+    """The run's dataset and client split, computed once per process and kept read-only: every silo served by this
+    process (a simulation actor serves many, one message at a time) slices its share from it instead of loading
+    the dataset and redrawing the split of all N silos per message. Keyed by everything the two depend on: the
+    data section, the seed, N and whether the run is centralized."""
+    key = json.dumps({"data": cfg.data.model_dump(mode="json"), "seed": cfg.train.seed, "clients": cfg.fl.clients,
+                      "centralized": cfg.fl.centralized}, sort_keys=True)
+    if key not in _SPLITS:
+        dataset = load_for_config(cfg.data, cfg.train.seed)
+        partition = make_partition(cfg, dataset.train.labels, dataset.num_classes)
+        for array in (dataset.train.images, dataset.train.labels, *partition.client_indices):
+            array.flags.writeable = False  # shared by every silo of the process: nobody may change it
+        _SPLITS[key] = (dataset, partition)
+        while len(_SPLITS) > SPLITS_KEPT:
+            _SPLITS.popitem(last=False)
+    _SPLITS.move_to_end(key)
+    return _SPLITS[key]
+
+
 def silo_data(cfg: Config, silo: int, data_path: str | None = None) -> tuple[SiloData, list[str]]:
     """What one silo holds, loaded where the silo runs: its own directory (`data_path`, read as `data.dataset`
     at the run's image size and channels; its training split), or, for tests and demos, its share of a dataset
@@ -80,8 +105,7 @@ def silo_data(cfg: Config, silo: int, data_path: str | None = None) -> tuple[Sil
         ds = load_dataset(d.dataset, data_path, image_size=d.image_size, channels=d.channels,
                           test_fraction=d.test_fraction, seed=d.split_seed)
         return SiloData.of(ds.train.images, ds.train.labels), ds.classes
-    dataset = load_for_config(cfg.data, cfg.train.seed)
-    partition = make_partition(cfg, dataset.train.labels, dataset.num_classes)
+    dataset, partition = shared_split(cfg)
     if not 0 <= silo < len(partition.client_indices):
         raise UsageError(f"silo {silo} does not exist: the run has {len(partition.client_indices)} silos "
                          f"(fl.clients), numbered from 0")

@@ -6,8 +6,10 @@ without `data-path` the silo takes its share of a dataset every node can read (t
 `state-dir` holds the silo's persistent state (`fedgen flower supernode --state`; it must be kept for the life of
 every run the silo takes part in). Simulation's virtual nodes get `partition-id` from Flower.
 
-Workers are cached per process (simulation reuses its Ray actors); a deployed SuperNode starts a new process
-per message, so it loads its data per message.
+Workers are cached per process (simulation reuses its Ray actors), and so is the dataset and client split that
+silos without a `data-path` slice their share from (data/silos.shared_split): a simulation actor serves many
+virtual silos without loading the dataset per message. A `describe` needs the silo's data alone, no worker. A
+deployed SuperNode starts a new process per message, so it loads its data per message.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from flwr.clientapp import ClientApp
 
 from fedgen import config as config_mod
 from fedgen.algorithms.silos import make_workers
+from fedgen.config import Config
 from fedgen.core.device import resolve_device
 from fedgen.core.errors import FedgenError, SiloStateError, UsageError
 from fedgen.core.paths import silo_state_home
 from fedgen.core.records import Reply, Worker
 from fedgen.data.silos import silo_data
 from fedgen.federation.silo_state import SiloStateStore
+from fedgen.federation.silos import describe_silo
 from fedgen.runtimes.flower.codec import decode_request, reply_message
 
 app = ClientApp()
@@ -48,10 +52,16 @@ def _state_dir(node_config: dict, run: dict, silo: int) -> Path:
 
 
 @lru_cache(maxsize=4)
-def _worker(config_json: str, silo: int, data_path: str | None, state_dir: str) -> Worker:
+def _config(config_json: str) -> Config:
     cfg = config_mod.validate(json.loads(config_json))
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
+    return cfg
+
+
+@lru_cache(maxsize=4)
+def _worker(config_json: str, silo: int, data_path: str | None, state_dir: str) -> Worker:
+    cfg = _config(config_json)
     data, classes = silo_data(cfg, silo, data_path)
     # the next request may run in another process (a SuperNode starts one per message; simulation has several
     # actors): a PGA party writes its discriminator after every step
@@ -88,9 +98,13 @@ def handle(msg: Message, context: Context) -> Message:
         elif request.silo != silo:
             raise ValueError(f"request for silo {request.silo} reached the node of silo {silo}")
         _check_silo(silo, run["config"])
-        worker = _worker(json.dumps(run["config"], sort_keys=True), silo, data_path,
-                         str(_state_dir(context.node_config, run, silo)))
-        reply = worker.handle(request)
+        config_json = json.dumps(run["config"], sort_keys=True)
+        if request.kind == "describe":  # what the silo holds, from its data alone: no worker, no network built
+            data, classes = silo_data(_config(config_json), silo, data_path)
+            reply = describe_silo(silo, data, classes, request)
+        else:
+            worker = _worker(config_json, silo, data_path, str(_state_dir(context.node_config, run, silo)))
+            reply = worker.handle(request)
     except FedgenError as exc:  # reported to the server, which names the node
         print(f"error: silo {silo} refused run {_run_id(msg)} ({request.kind if request else 'a request'}): {exc}",
               flush=True)

@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,12 +40,19 @@ from fedgen.federation.silos import Federation, SiloInfo, partition_from_counts
 from fedgen.runtimes.flower.codec import decode_reply, request_message
 
 POLL_S = 0.2
+MAP_SHOWN = 12  # silo -> node pairs named at the start
 SILENT_RETRY_S = 60.0  # Flower marks a dead node offline after at most 2 missed 30 s heartbeats
 
 
+class SimulationStopped(FedgenError):
+    """The simulation engine was stopped (Ctrl-C, SIGTERM): the ServerApp thread leaves at its next poll."""
+
+
 class FlowerPool:
-    def __init__(self, grid: Grid, run: dict, ttl: float, console: Console, expected: dict):
+    def __init__(self, grid: Grid, run: dict, ttl: float, console: Console, expected: dict,
+                 stop: threading.Event | None = None):
         self.grid = grid
+        self.stop = stop
         self.run = run
         self.ttl = ttl
         self.console = console
@@ -65,6 +73,8 @@ class FlowerPool:
         deadline = time.monotonic() + timeout
         with task(progress, label, len(ids)) as advance:
             while pending and time.monotonic() < deadline:
+                if self.stop is not None and self.stop.is_set():
+                    raise SimulationStopped("the simulation was stopped while the round waited for its silos")
                 for message in self.grid.pull_messages(list(pending)):
                     mid = message.metadata.reply_to_message_id
                     if mid not in pending:
@@ -173,7 +183,8 @@ def _too_few(answered: list[int], n: int, waited: float, silent: int) -> str:
 
 
 @contextmanager
-def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.device, console: Console, where: str):
+def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.device, console: Console, where: str,
+                      stop: threading.Event | None = None):
     """Discover the silos behind the SuperNodes and check their data against the run; the coordinator's own copy
     of the dataset (if it has one) gives the expected classes and image shape, the test loss and evaluation."""
     if cfg.fl.centralized:
@@ -190,7 +201,7 @@ def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.de
            "silo_state": str((run_dir.path / "silos").resolve()) if where == "flower-sim" else None}
     ttl = cfg.runtime.message_ttl_s or cfg.runtime.round_timeout_s
     _bound_retries(grid, cfg.runtime.link_timeout_s)
-    pool = FlowerPool(grid, run, ttl, console, expected)
+    pool = FlowerPool(grid, run, ttl, console, expected, stop)
     n = cfg.fl.clients
     console.print(f"waiting for {n} SuperNodes (up to {cfg.runtime.wait_for_nodes_s:g}s)")
     t0 = time.monotonic()
@@ -220,8 +231,11 @@ def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.de
     elif missing:
         raise FedgenError(_too_few(sorted(silos), n, cfg.runtime.wait_for_nodes_s,
                                    sum(isinstance(r, Failure) for r in replies.values())))
-    console.print(f"{n} silos, {len(pool.node_of)} on SuperNodes ({time.monotonic() - t0:.1f}s): "
-                  + ", ".join(f"silo {s} -> node {node}" for s, node in sorted(pool.node_of.items())), highlight=False)
+    shown = [f"silo {s} -> node {node}" for s, node in sorted(pool.node_of.items())]
+    if len(shown) > MAP_SHOWN:  # a simulation of hundreds of virtual nodes: the first few, and how many more
+        shown = [*shown[:MAP_SHOWN], f"... ({len(shown) - MAP_SHOWN} more)"]
+    console.print(f"{n} silos, {len(pool.node_of)} on SuperNodes ({time.monotonic() - t0:.1f}s): " + ", ".join(shown),
+                  highlight=False)
     silos = [silos[s] for s in range(n)]
     test = SiloData.of(reference.test.images, reference.test.labels) if reference is not None else None
     yield Federation(pool, silos, list(pool.expected["classes"]), tuple(pool.expected["image_shape"]),
@@ -257,7 +271,7 @@ def report_fedgen_error(error: FedgenError) -> None:
 
 
 def make_server_app(cfg: Config | None = None, out: Path | None = None, console: Console | None = None,
-                    where: str = "flower") -> ServerApp:
+                    where: str = "flower", stop: threading.Event | None = None) -> ServerApp:
     """A ServerApp training `cfg` into `out` (simulation passes them in); without them it reads the run config
     (`config-b64`: the resolved fedgen config as base64 JSON, `out-dir`) that `fedgen train --runtime flower`
     submits. There, a fedgen error ends the run failed with its message, said in one line (`report_fedgen_error`);
@@ -274,7 +288,8 @@ def make_server_app(cfg: Config | None = None, out: Path | None = None, console:
             # a log, not a terminal: a line stays one line (an error, a round), as the CLI prints it outside a terminal
             con = console or Console(file=sys.stdout, width=120, soft_wrap=True, force_terminal=False)
             loop.train(run_cfg, run_out, con,
-                       lambda c, run_dir, device, con_: flower_federation(grid, c, run_dir, device, con_, where),
+                       lambda c, run_dir, device, con_: flower_federation(grid, c, run_dir, device, con_, where,
+                                                                          stop),
                        make_algorithm)
         except FedgenError as exc:
             if cfg is None:  # deployed: Flower's exit handler records the run failed with the message

@@ -1,14 +1,29 @@
 """`flower-sim`: the run's silos as virtual SuperNodes on Flower's simulation engine (Ray), in this process.
 
 Each virtual node gets `partition-id` = its silo and takes its share of the configured dataset, exactly as an
-in-process silo does; the ServerApp runs the shared round loop in this process. Ray's processes are gone when
-`run_simulation` returns (on success and on error; checked in the tests).
+in-process silo does; the ServerApp runs the shared round loop in a thread of this process, Flower's engine in
+the main thread. Messages reach the virtual nodes through `sim_delivery` (one pass per tick over the messages in
+flight, not one per virtual node).
+
+Stopping: Ctrl-C, and SIGTERM (turned into the same interruption while the simulation runs; fedgen starts Ray
+itself first, so that Ray's own SIGTERM handler does not end the process on the spot), end Flower's engine
+in the main thread, which terminates its actors and shuts Ray down; the ServerApp thread leaves at its next poll
+(`stop`). Whatever Ray started that is still alive afterwards (an actor Ray's own shutdown missed) is ended by
+`_processes_end_with_this_one`: this process is made the subreaper of its descendants for the simulation, so an
+orphaned Ray process stays its descendant and is found and stopped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.simulation import run_simulation
@@ -18,6 +33,9 @@ from fedgen.config import Config
 from fedgen.federation.rundir import RunDir
 from fedgen.runtimes.flower.client_app import app as client_app
 from fedgen.runtimes.flower.server_app import make_server_app
+from fedgen.runtimes.flower.sim_delivery import patched_delivery
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 class _NotTheDeprecation(logging.Filter):
@@ -36,10 +54,147 @@ def train_simulation(cfg: Config, out: Path, console: Console) -> RunDir:
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR,
                              "log_to_driver": False}}
     flwr_logger, quiet = logging.getLogger("flwr"), _NotTheDeprecation()
+    stop = threading.Event()  # set when the engine returns or is interrupted: the ServerApp thread then leaves
     flwr_logger.addFilter(quiet)
     try:
-        run_simulation(server_app=make_server_app(cfg, Path(out), console, "flower-sim"), client_app=client_app,
-                       num_supernodes=cfg.fl.clients, backend_config=backend, verbose_logging=False)
+        with _processes_end_with_this_one(), patched_delivery():
+            _start_ray(backend["init_args"])
+            with _signals_interrupt():
+                try:
+                    run_simulation(server_app=make_server_app(cfg, Path(out), console, "flower-sim", stop),
+                                   client_app=client_app, num_supernodes=cfg.fl.clients, backend_config=backend,
+                                   verbose_logging=False)
+                finally:
+                    stop.set()
     finally:
         flwr_logger.removeFilter(quiet)
     return RunDir(out)
+
+
+def _start_ray(init_args: dict) -> None:
+    """Ray, started as Flower's RayBackend would (`init_ray`: this process's sys.path handed to the workers), but
+    before the engine, so that `_signals_interrupt` can take SIGTERM back: Ray's driver installs a native SIGTERM
+    handler that prints a stack and ends the process at once, with no cleanup."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so the engine's cleanup runs (Ray's
+    handler, or the default action, would end the process at once, leaving Ray's actors behind); SIGINT gets
+    Python's own handler back over whatever Ray put there (an ignored SIGINT, as under nohup, stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    sigint = signal.getsignal(signal.SIGINT)
+    if sigint is not None:
+        signal.signal(signal.SIGINT, sigint)  # re-installed at the C level, where Ray may have replaced it
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _children_by_parent(zombies: bool = False) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        if zombies or fields[0] != "Z":  # a zombie has ended; it only waits to be reaped
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below `pid` (Linux /proc; empty elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return set()
+    children, found, todo = _children_by_parent(), set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _set_subreaper(on: bool) -> bool:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
+
+
+@contextmanager
+def _processes_end_with_this_one(grace_s: float = 5.0) -> Iterator[None]:
+    """Every process started below this one inside the block is gone when it ends: Ray is shut down if it is still
+    up, then any remaining new descendant gets SIGTERM and, after `grace_s`, SIGKILL."""
+    me = os.getpid()
+    before = descendants(me)
+    reaper = _set_subreaper(True)  # an orphan (an actor whose raylet died first) becomes ours, not init's
+    try:
+        yield
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            _stop(descendants(me) - before, grace_s)
+            for pid in set(_children_by_parent(zombies=True).get(me, [])) - before:  # ended orphans Ray left us
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # another part of this process reaped it
+                    pass
+            if reaper:
+                _set_subreaper(False)
+
+
+def _stop(pids: set[int], grace_s: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 1.0)
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:  # ours (as subreaper): reaped
+                        pids.discard(pid)
+                except ChildProcessError:  # not our child: gone once /proc no longer lists it alive
+                    if not _alive(pid):
+                        pids.discard(pid)
+            time.sleep(0.05)
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
