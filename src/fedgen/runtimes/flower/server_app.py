@@ -39,7 +39,7 @@ from fedgen.federation.rundir import RunDir
 from fedgen.federation.silos import Federation, SiloInfo, partition_from_counts
 from fedgen.runtimes.flower.codec import decode_reply, request_message
 
-POLL_S = 0.2
+POLL_S = {"flower": 0.2, "flower-sim": 0.01}  # between pulls of replies: over HTTPS, or in this process's memory
 MAP_SHOWN = 12  # silo -> node pairs named at the start
 SILENT_RETRY_S = 60.0  # Flower marks a dead node offline after at most 2 missed 30 s heartbeats
 
@@ -50,9 +50,10 @@ class SimulationStopped(FedgenError):
 
 class FlowerPool:
     def __init__(self, grid: Grid, run: dict, ttl: float, console: Console, expected: dict,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, poll_s: float = POLL_S["flower"]):
         self.grid = grid
         self.stop = stop
+        self.poll_s = poll_s
         self.run = run
         self.ttl = ttl
         self.console = console
@@ -84,7 +85,7 @@ class FlowerPool:
                     if advance is not None:
                         advance()
                 if pending:
-                    time.sleep(POLL_S)
+                    time.sleep(self.poll_s)
         for mid in pending:
             node = node_of_message[mid]
             out[node] = Failure(-1, f"no reply from node {node} within {timeout:g}s (runtime.round_timeout_s)")
@@ -201,7 +202,7 @@ def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.de
            "silo_state": str((run_dir.path / "silos").resolve()) if where == "flower-sim" else None}
     ttl = cfg.runtime.message_ttl_s or cfg.runtime.round_timeout_s
     _bound_retries(grid, cfg.runtime.link_timeout_s)
-    pool = FlowerPool(grid, run, ttl, console, expected, stop)
+    pool = FlowerPool(grid, run, ttl, console, expected, stop, POLL_S[where])
     n = cfg.fl.clients
     console.print(f"waiting for {n} SuperNodes (up to {cfg.runtime.wait_for_nodes_s:g}s)")
     t0 = time.monotonic()

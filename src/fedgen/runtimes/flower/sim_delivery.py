@@ -9,7 +9,8 @@ messages costs N x 10 checks every tick, in the process that also runs the Serve
 
 `deliver_pending` is the same delivery in one pass per tick: under the same lock, the stored messages are checked
 once (expired or invalid ones deleted by Flower's own `_check_stored_messages`), and each node's first
-undelivered message is marked delivered and queued, exactly what the loop over nodes with `limit=1` does.
+undelivered message is marked delivered and queued, exactly what the loop over nodes with `limit=1` does; and,
+the pass being cheap, ticks come every 10 ms instead of 100 ms (a message waits less before an actor takes it).
 
 It replaces a private function of a pinned Flower. `patched_delivery` installs it only where Flower is the
 version and the code it was written against (`PINNED_VERSION`, and the source hashes of the functions it
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 from queue import Queue
 
 PINNED_VERSION = "1.41.0"
+TICK_S = 0.01  # Flower's loop waits 0.1 s between its (N x M) passes; one pass over M messages is cheap enough
 # sha256 of inspect.getsource(...) in flwr 1.41.0: what `deliver_pending` stands for and relies on
 PINNED_SOURCES = {
     "vce_api.add_messages_to_queue": "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a",
@@ -81,7 +83,7 @@ def deliver_pending(state, queue: Queue, nodes_mapping: dict[int, int], f_stop: 
                 msg.metadata.delivered_at = delivered_at
         for msg in batch:
             queue.put(msg)
-        f_stop.wait(0.1)
+        f_stop.wait(TICK_S)
 
 
 @contextmanager

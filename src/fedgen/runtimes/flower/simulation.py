@@ -5,10 +5,10 @@ in-process silo does; the ServerApp runs the shared round loop in a thread of th
 the main thread. Messages reach the virtual nodes through `sim_delivery` (one pass per tick over the messages in
 flight, not one per virtual node).
 
-Stopping: Ctrl-C, and SIGTERM (turned into the same interruption while the simulation runs; fedgen starts Ray
-itself first, so that Ray's own SIGTERM handler does not end the process on the spot), end Flower's engine
-in the main thread, which terminates its actors and shuts Ray down; the ServerApp thread leaves at its next poll
-(`stop`). Whatever Ray started that is still alive afterwards (an actor Ray's own shutdown missed) is ended by
+Stopping: Ctrl-C or SIGTERM sets `stop`; the ServerApp thread leaves at its next poll, Flower's engine then
+finishes the messages in hand, terminates its actors and shuts Ray down, and the interruption reaches the caller
+as KeyboardInterrupt (`_signals_stop`; fedgen starts Ray itself first, so that Ray's own SIGTERM handler does not
+end the process on the spot). Whatever Ray started that is still alive afterwards (an actor Ray's own shutdown missed) is ended by
 `_processes_end_with_this_one`: this process is made the subreaper of its descendants for the simulation, so an
 orphaned Ray process stays its descendant and is found and stopped.
 """
@@ -32,7 +32,7 @@ from rich.console import Console
 from fedgen.config import Config
 from fedgen.federation.rundir import RunDir
 from fedgen.runtimes.flower.client_app import app as client_app
-from fedgen.runtimes.flower.server_app import make_server_app
+from fedgen.runtimes.flower.server_app import SimulationStopped, make_server_app
 from fedgen.runtimes.flower.sim_delivery import patched_delivery
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -59,13 +59,17 @@ def train_simulation(cfg: Config, out: Path, console: Console) -> RunDir:
     try:
         with _processes_end_with_this_one(), patched_delivery():
             _start_ray(backend["init_args"])
-            with _signals_interrupt():
+            with _signals_stop(stop) as signalled:
                 try:
                     run_simulation(server_app=make_server_app(cfg, Path(out), console, "flower-sim", stop),
                                    client_app=client_app, num_supernodes=cfg.fl.clients, backend_config=backend,
                                    verbose_logging=False)
+                except SimulationStopped:
+                    raise KeyboardInterrupt(signalled[0] if signalled else "stopped") from None
                 finally:
                     stop.set()
+                if signalled:  # the signal came after the last exchange: the run is complete, but was asked to stop
+                    raise KeyboardInterrupt(signalled[0])
     finally:
         flwr_logger.removeFilter(quiet)
     return RunDir(out)
@@ -73,7 +77,7 @@ def train_simulation(cfg: Config, out: Path, console: Console) -> RunDir:
 
 def _start_ray(init_args: dict) -> None:
     """Ray, started as Flower's RayBackend would (`init_ray`: this process's sys.path handed to the workers), but
-    before the engine, so that `_signals_interrupt` can take SIGTERM back: Ray's driver installs a native SIGTERM
+    before the engine, so that `_signals_stop` can take SIGTERM back: Ray's driver installs a native SIGTERM
     handler that prints a stack and ends the process at once, with no cleanup."""
     import ray
 
@@ -87,25 +91,36 @@ def _start_ray(init_args: dict) -> None:
 
 
 @contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so the engine's cleanup runs (Ray's
-    handler, or the default action, would end the process at once, leaving Ray's actors behind); SIGINT gets
-    Python's own handler back over whatever Ray put there (an ignored SIGINT, as under nohup, stays ignored)."""
+def _signals_stop(stop: threading.Event) -> Iterator[list[str]]:
+    """The first Ctrl-C or SIGTERM sets `stop`: the ServerApp leaves at its next poll, the engine's workers finish
+    the message in hand and stop, the engine terminates its actors and Ray, and `train_simulation` raises
+    KeyboardInterrupt (yields the list that then names the signal). Stopping Ray under a message in hand would
+    end the process from inside Ray instead ("the core worker has already been shutdown"). A second signal
+    raises KeyboardInterrupt at once. Ray's driver installs a native SIGTERM handler that ends the process on the
+    spot; fedgen starts Ray first (`_start_ray`) and installs this one after it. An ignored SIGINT (nohup) stays
+    ignored."""
+    signalled: list[str] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
+        yield signalled
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    def on_signal(signum, frame):
+        name = f"stopped by {signal.Signals(signum).name}"
+        if signalled:
+            raise KeyboardInterrupt(name)
+        signalled.append(name)
+        stop.set()
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    sigint = signal.getsignal(signal.SIGINT)
-    if sigint is not None:
-        signal.signal(signal.SIGINT, sigint)  # re-installed at the C level, where Ray may have replaced it
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, on_signal)
     try:
-        yield
+        yield signalled
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _children_by_parent(zombies: bool = False) -> dict[int, list[int]]:
