@@ -17,7 +17,8 @@ from fedgen.config import DiffusionConfig
 from fedgen.core.errors import UsageError
 
 MAX_BETA = 0.999
-PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}  # diffusion.prediction -> diffusers' name
+# diffusion.prediction -> diffusers' name
+PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 def betas(schedule: str, timesteps: int) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """A PGA party: it keeps its real data and its own discriminator (of its own architecture) and answers one
 request per generator step (docs/DESIGN.md, PGA):
 
-1. one discriminator step (BCE, or hinge with `pga.adversarial`; Adam; with `pga.loss = "acgan"` also the auxiliary classifier's cross-entropy on the
-   real batch) on (a real batch of its own, fake batch 1); d_i = its loss on fake batch 1;
-2. g_i = BCE(D_i(fake batch 2), 1) (hinge: -D_i(fake batch 2); plus, with acgan, the classifier's cross-entropy on the labels of fake batch 2)
-   with the updated discriminator, and the noised g_i + N(0, (ratio * d_i)^2);
+1. one discriminator step (BCE, or hinge with `pga.adversarial`; Adam; with `pga.loss = "acgan"` also the
+   auxiliary classifier's cross-entropy on the real batch) on (a real batch of its own, fake batch 1); d_i = its
+   loss on fake batch 1;
+2. g_i = BCE(D_i(fake batch 2), 1) (hinge: -D_i(fake batch 2); plus, with acgan, the classifier's cross-entropy on
+   the labels of fake batch 2) with the updated discriminator, and the noised g_i + N(0, (ratio * d_i)^2);
 3. where asked (the step's representative, or every party in `mean` mode), dg_i/d(fake batch 2).
 
 It never receives the generator's weights and never sends its discriminator's. The discriminator and its

@@ -8,9 +8,9 @@ flight, not one per virtual node).
 Stopping: Ctrl-C or SIGTERM sets `stop`; the ServerApp thread leaves at its next poll, Flower's engine then
 finishes the messages in hand, terminates its actors and shuts Ray down, and the interruption reaches the caller
 as KeyboardInterrupt (`_signals_stop`; fedgen starts Ray itself first, so that Ray's own SIGTERM handler does not
-end the process on the spot). Whatever Ray started that is still alive afterwards (an actor Ray's own shutdown missed) is ended by
-`_processes_end_with_this_one`: this process is made the subreaper of its descendants for the simulation, so an
-orphaned Ray process stays its descendant and is found and stopped.
+end the process on the spot). Whatever Ray started that is still alive afterwards (an actor Ray's own shutdown
+missed) is ended by `_processes_end_with_this_one`: this process is made the subreaper of its descendants for
+the simulation, so an orphaned Ray process stays its descendant and is found and stopped.
 """
 
 from __future__ import annotations
