@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", default=None, help="the N sweep: comma-separated fl.clients values")
     ap.add_argument("--per-round", type=int, default=10, help="the N sweep: fl.clients_per_round (K)")
+    ap.add_argument("--set", action="append", default=[], help="an extra override for every run (the N sweep)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/runtime_overhead.json"))
     args = ap.parse_args()
     from fedgen import config as config_mod
@@ -103,7 +104,7 @@ def main() -> None:
         for n in sweep:
             clients = n or config_mod.load(preset).fl.clients
             sets = () if n is None else (f"fl.clients={n}", f"fl.clients_per_round={min(args.per_round, n)}",
-                                         "data.partition=iid")
+                                         "data.partition=iid", *args.set)
             for runtime in args.runtimes.split(","):
                 rows.append(_measure(preset, runtime, args.rounds, clients, sets))
     for row in rows:
