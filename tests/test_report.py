@@ -295,3 +295,16 @@ def test_tstr_training_reports_its_epochs_as_progress():
     progress = Recording()
     tstr_accuracy(x, y, x[:16], y[:16], 4, epochs=3, progress=progress)
     assert progress.tasks == {0: ("TSTR classifier: epochs", 3)} and progress.done == {0: 3}
+
+
+def test_plots_of_a_thousand_silos_lay_out_without_warnings():
+    """A run of 1,000 virtual silos: its per-silo plots (a line each, the partition heatmap) drop the legend and the
+    row labels that could not fit, so matplotlib lays them out without its tight-layout warning."""
+    import warnings
+
+    from fedgen.report.figures import heatmap, lines
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lines({str(i): ([1, 2, 3], [0.5, 0.4, 0.3 + i / 1e4]) for i in range(1000)}, "round", "loss", "each silo")
+        heatmap([[1, 2, 3]] * 1000, [str(i) for i in range(1000)], ["a", "b", "c"], "split")

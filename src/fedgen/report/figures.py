@@ -14,6 +14,10 @@ from matplotlib.figure import Figure  # noqa: E402 - after the backend is chosen
 Lines = dict[str, tuple[list[float], list[float]]]  # label -> (xs, ys)
 
 
+LEGEND_MAX = 20  # series named in a legend
+TICKS_MAX = 40  # silos named on a heatmap's axis
+
+
 def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -37,7 +41,7 @@ def lines(series: Lines, xlabel: str, ylabel: str, title: str, *, logy: bool = F
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if 1 < len(series) <= LEGEND_MAX:  # hundreds of silos' lines: no legend (it would not fit), the lines alone
         ax.legend(fontsize=7, loc="best", ncol=2 if len(series) > 6 else 1)
     fig.tight_layout()
     return png(fig)
@@ -53,7 +57,8 @@ def heatmap(counts: list[list[int]], rows: list[str], columns: list[str], title:
     im = ax.imshow(data, cmap="Blues", aspect="auto")
     ax.set_xticks(range(len(columns)), [c[:10] for c in columns], rotation=45 if len(columns) > 10 else 0,
                   fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    if len(rows) <= TICKS_MAX:  # a row label per silo while they can be read
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xlabel("class")
     ax.set_ylabel("silo")
     if data.size <= 400:
