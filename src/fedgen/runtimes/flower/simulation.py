@@ -123,19 +123,23 @@ def _signals_stop(stop: threading.Event) -> Iterator[list[str]]:
                 signal.signal(sig, handler)
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc/PID/stat; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+    return fields[0], int(fields[1])
+
+
 def _children_by_parent(zombies: bool = False) -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
-        if zombies or fields[0] != "Z":  # a zombie has ended; it only waits to be reaped
-            children.setdefault(int(fields[1]), []).append(int(entry))
+        if entry.isdigit() and (stat := _state_and_parent(int(entry))) is not None:
+            if zombies or stat[0] != "Z":  # a zombie has ended; it only waits to be reaped
+                children.setdefault(stat[1], []).append(int(entry))
     return children
 
 
@@ -207,9 +211,5 @@ def _stop(pids: set[int], grace_s: float) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
+    stat = _state_and_parent(pid)
+    return stat is not None and stat[0] != "Z"
