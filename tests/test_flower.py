@@ -556,6 +556,22 @@ def test_two_hundred_virtual_clients_train_as_in_process(tmp_path):
     assert not _running("raylet") and not _running("gcs_server")
 
 
+def test_compressed_updates_on_simulation_equal_in_process(tmp_path):
+    """fl.compression=int8 over Flower messages (int8 tensors and float32 scales in ArrayRecords, each virtual
+    silo's error-feedback residual in its store) trains what in-process trains, bit for bit, and sends the same
+    bytes. Three silos, two a round (seed 3: silo 2 sits out round 2, so its round-1 residual feeds round 3)."""
+    from fedgen.runtimes.flower.simulation import train_simulation
+
+    cfg = C.load("tiny", overrides=["fl.clients=3", "fl.clients_per_round=2", "fl.rounds=3", "fl.compression=int8",
+                                    "train.seed=3", "train.cpu_threads=1", "log.loss_eval_samples=16"])
+    train(cfg, tmp_path / "local", QUIET)
+    train_simulation(cfg, tmp_path / "sim", QUIET)
+    _assert_same(_global(tmp_path / "local", 3), _global(tmp_path / "sim", 3))
+    sim, local = RunDir(tmp_path / "sim").round_records(), RunDir(tmp_path / "local").round_records()
+    assert [(r["bytes_up"], r["compression"]) for r in sim] == [(r["bytes_up"], r["compression"]) for r in local]
+    assert len({s for r in sim for s in r["clients"]}) == 3 and not _running("raylet")
+
+
 def test_the_delivery_fedgen_installs_is_written_for_this_flower():
     """sim_delivery replaces a private function of Flower 1.41.0: this fails the day Flower or the functions it stands
     for change, so the replacement is re-checked (and PINNED_SOURCES updated) rather than kept blindly."""

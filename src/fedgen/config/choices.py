@@ -11,6 +11,8 @@ DATASETS: tuple[str, ...] = get_args(DatasetName)
 SamplerName = Literal["ddpm", "ddim", "dpm-solver", "dpm-solver-3", "dpm-solver-sde", "unipc"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
+CompressionName = Literal["none", "fp16", "int8"]  # algorithms/feddm/compression.py
+
 StrategyName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold"]
 # the server optimisers that normalise each coordinate by a second moment (no server lr makes them plain averaging)
 ADAPTIVE_STRATEGIES: tuple[str, ...] = ("fedadam", "fedyogi", "fedadagrad")

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedgen.config.choices import DISCRIMINATORS, DatasetName, SamplerName, StrategyName
+from fedgen.config.choices import DISCRIMINATORS, CompressionName, DatasetName, SamplerName, StrategyName
 from fedgen.core.errors import FedgenError
 
 
@@ -105,6 +105,11 @@ class FLConfig(_Section):
     server_tau: float = Field(1e-3, gt=0, description="fedadam, fedyogi, fedadagrad: adaptivity tau (the "
                               "optimiser's eps)")
     prox_mu: float = Field(0.01, ge=0, description="fedprox: mu of the proximal term mu/2 |theta - theta_g|^2")
+    compression: CompressionName = Field(
+        "none", description="what a silo sends back: none, its local weights (float32, lossless); fp16, its update "
+        "in half precision; int8, its update quantised per tensor (1 byte a parameter), both with error feedback "
+        "kept at the silo (off under client-dp)"
+    )
 
     @model_validator(mode="after")
     def _k_le_n(self) -> FLConfig:
@@ -341,6 +346,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _strategy_fits(self) -> Config:
         strategy = self.fl.strategy
+        if self.fl.compression != "none" and self.fl.centralized:
+            raise ValueError(f"fl.compression={self.fl.compression} with fl.centralized: the centralized baseline "
+                             "stands for one party holding all the data, nothing travels (leave fl.compression=none)")
         if strategy == "fedavg":
             return self
         if self.trains_generator:
@@ -420,7 +428,7 @@ def _changed(section: BaseModel, *names: str) -> list[str]:
 # FedDM-only settings (PGA trains a GAN: no diffusion, no U-Net, no weight averaging)
 _FEDDM_ONLY = {"model": (), "diffusion": (), "train": ("lr", "bf16", "label_dropout", "ema_decay", "lr_decay_rounds",
                                                        "lr_final_ratio"),
-               "fl": ("local_epochs", "max_update_norm_ratio"), "eval": ("sampler", "steps", "bf16"),
+               "fl": ("local_epochs", "max_update_norm_ratio", "compression"), "eval": ("sampler", "steps", "bf16"),
                "log": ("loss_eval_samples",)}
 # the server-optimiser and remedy settings, by the strategies that read them
 _STRATEGY_KEYS = {"server_momentum": ("fedavgm",), "server_betas": ("fedadam", "fedyogi"),

@@ -9,12 +9,13 @@ import time
 
 import torch
 
+from fedgen.algorithms.feddm.compression import decoded_replies
 from fedgen.algorithms.feddm.ema import WeightAverage
 from fedgen.algorithms.feddm.local_update import evaluation_loss
 from fedgen.algorithms.feddm.remedies import scaffold_server_update
 from fedgen.algorithms.feddm.screening import FedAvgServer
 from fedgen.algorithms.feddm.server_opt import ServerOptimizer
-from fedgen.core.records import Reply, Request, State, payload_nbytes
+from fedgen.core.records import Failure, Reply, Request, State, payload_nbytes
 from fedgen.diffusion.pipeline import DiffusionSampler
 from fedgen.diffusion.schedule import ddpm_scheduler
 from fedgen.federation.algorithm import RoundContext
@@ -106,7 +107,7 @@ class FedDM:
                 for silo in selected]
         replies = ctx.fed.pool.send(sent, timeout=cfg.runtime.round_timeout_s, progress=ctx.progress)
         ctx.stop_on_fatal(r, replies)
-        screened = server.screen(selected, replies)
+        screened = server.screen(selected, self._decoded(replies))
         if len(screened.accepted) < cfg.fl.min_clients:
             raise ctx.abort(r, len(screened.accepted), len(selected), screened.rejected)
         for silo, reason in screened.rejected.items():
@@ -131,8 +132,15 @@ class FedDM:
             "train_time_s": round(time.perf_counter() - t0, 3),
             "bytes_down": sum(payload_nbytes(q.arrays) for q in sent),
             "bytes_up": sum(payload_nbytes(rep.arrays) for rep in replies.values() if isinstance(rep, Reply)),
-        }
+        } | ({"compression": cfg.fl.compression} if cfg.fl.compression != "none" else {})
         return record, {s: screened.accepted[s][0] for s in ok}
+
+    def _decoded(self, replies: dict[int, Reply | Failure]) -> dict[int, Reply | Failure]:
+        """Compressed updates (fl.compression) as local weights, before the screen sees them."""
+        if self.ctx.cfg.fl.compression == "none":
+            return replies
+        clip = self.ctx.cfg.privacy.max_grad_norm if self.privacy.server is not None else None
+        return decoded_replies(replies, self.state, clip)
 
 
     def _aggregate(self, r: int, accepted: dict) -> State:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fedgen.algorithms.feddm.compression import compress
 from fedgen.algorithms.feddm.local_update import LocalUpdate, NonFiniteLossError, TrainSettings, evaluation_loss
 from fedgen.algorithms.feddm.remedies import LocalRemedy, Proximal, ScaffoldCorrection
 from fedgen.config import Config
@@ -107,12 +108,27 @@ class FedDMSilo:
         if self.cfg.privacy.mode == "client-dp":
             state, norm = clip_update(state, request.arrays["global"], self.cfg.privacy.max_grad_norm)
             config["update_norm"] = norm
-        if self.store is not None and (self.settings.keep_optimizer or account is not None or remedy_out):
+        update, residual = self._compressed(state, request.arrays["global"], saved)
+        if self.store is not None and (self.settings.keep_optimizer or account is not None or remedy_out
+                                       or residual is not None):
             self.store.save(round_idx + 1, {"optimizer": result.optimizer_state,
                                             "privacy": account.to_dict() if account is not None else None,
-                                            "control": remedy_out.get("control")})
-        arrays = {"local": state} | ({"control_delta": remedy_out["control_delta"]} if remedy_out else {})
+                                            "control": remedy_out.get("control"), "residual": residual})
+        arrays = update | ({"control_delta": remedy_out["control_delta"]} if remedy_out else {})
         return Reply(self.silo, arrays=arrays, config=config)
+
+    def _compressed(self, state: dict, global_state: dict, saved: dict) -> tuple[dict, dict | None]:
+        """The reply's update arrays under fl.compression (algorithms/feddm/compression.py) and the residual the
+        silo keeps for error feedback (None: nothing to keep). Error feedback is off under client-level DP, whose
+        clipping bounds one round's update alone."""
+        kind = self.cfg.fl.compression
+        if kind == "none":
+            return {"local": state}, None
+        feedback = self.cfg.privacy.mode != "client-dp"
+        if feedback and self.store is None:
+            raise SiloDataError(f"silo {self.silo}: fl.compression={kind} keeps an error-feedback residual and "
+                                "needs a state directory")
+        return compress(state, global_state, kind, saved.get("residual"), feedback)
 
     def _remedy(self, request: Request, saved: dict) -> LocalRemedy | None:
         """FedProx's proximal term or SCAFFOLD's correction for this fit (algorithms/feddm/remedies.py), or None.
