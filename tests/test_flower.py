@@ -69,13 +69,21 @@ def _in_a_flower_run(monkeypatch):
 def test_messages_carry_weights_bit_exactly():
     gen = torch.Generator().manual_seed(0)
     state = {"f32": torch.randn(3, 4, generator=gen), "f64": torch.randn(5, generator=gen, dtype=torch.float64),
-             "f16": torch.randn(2, 2, generator=gen).half(), "i64": torch.arange(7)}
-    request = Request(3, "fit", {"global": state}, {"round": 4, "nested": {"a": [1, 2]}})
+             "f16": torch.randn(2, 2, generator=gen).half(), "i64": torch.arange(7),
+             "bf16": torch.randn(3, generator=gen).bfloat16(), "i8": torch.tensor([-127, 0, 127], dtype=torch.int8),
+             "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    request = Request(3, "fit", {"global": state, "none": {}}, {"round": 4, "nested": {"a": [1, 2]}})
     message = codec.request_message(request, {"config": {"x": 1}, "id": "k"}, node_id=42, ttl=10.0, group="1")
+    # each tensor dict is one Array (one object to store and transfer), not one per tensor
+    assert [len(message.content.array_records[k]) for k in ("arrays.global", "arrays.none")] == [1, 1]
     back, run = codec.decode_request(message)
     assert (back.silo, back.kind, back.config, run) == (3, "fit", request.config, {"config": {"x": 1}, "id": "k"})
+    assert back.arrays["none"] == {} and list(back.arrays["global"]) == list(state)
     for k, v in state.items():
-        assert back.arrays["global"][k].dtype == v.dtype and torch.equal(back.arrays["global"][k], v)
+        got = back.arrays["global"][k]
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    with pytest.raises(ValueError, match="packed tensors: 74 bytes, the index accounts for 165"):
+        codec.unpack(codec.pack(state)[0][:74], codec.pack(state)[1])
     reply = codec.decode_reply(codec.Message(codec._records({"local": state}, {"silo": 3, "config": {"n": 1}}),
                                              reply_to=message))
     assert reply.silo == 3 and reply.config == {"n": 1} and torch.equal(reply.arrays["local"]["f16"], state["f16"])

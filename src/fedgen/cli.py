@@ -500,6 +500,9 @@ def flower_supernode(
                                                     "$XDG_STATE_HOME/fedgen/silos, ~/.local/state/fedgen/silos)")]
     = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="plaintext, no node authentication")] = False,
+    fast: Annotated[bool, typer.Option(help="fedgen's fast path: short waits and a long-lived worker that keeps "
+                                            "the silo loaded (--no-fast: Flower's stock SuperNode, a new process "
+                                            "per message)")] = True,
 ) -> None:
     """Run one silo's SuperNode: it trains on its own data only and sends back weights and metrics."""
     from fedgen.runtimes.flower.deploy.supernode import serve_supernode
@@ -508,7 +511,7 @@ def flower_supernode(
         if certs is None and not insecure:
             raise UsageError("pass --certs DIR and --key NODE_KEY (from `fedgen flower certs`), or --insecure")
         code = serve_supernode(superlink, None if insecure else certs, None if insecure else key, partition_id,
-                               data, port, max_wait, state)
+                               data, port, max_wait, state, fast=fast)
     raise typer.Exit(code)
 
 

@@ -39,7 +39,7 @@ from fedgen.federation.rundir import RunDir
 from fedgen.federation.silos import Federation, SiloInfo, partition_from_counts
 from fedgen.runtimes.flower.codec import decode_reply, request_message
 
-POLL_S = {"flower": 0.2, "flower-sim": 0.01}  # between pulls of replies: over HTTPS, or in this process's memory
+POLL_S = {"flower": 0.05, "flower-sim": 0.01}  # between pulls of replies: over HTTPS, or in this process's memory
 MAP_SHOWN = 12  # silo -> node pairs named at the start
 SILENT_RETRY_S = 60.0  # Flower marks a dead node offline after at most 2 missed 30 s heartbeats
 
@@ -158,6 +158,26 @@ def _bound_retries(grid: Grid, seconds: float) -> None:
         invoker.max_time = seconds
 
 
+# sha256 of inspect.getsource(HttpGrid.pull_messages) in flwr 1.41.0 (runtimes/flower/pins.py), which pulls a
+# reply's content through the module's `pull_objects`
+PULL_MESSAGES_SOURCE = "67a5266a5a2ed51557437a15ef4c8844f46576bc5bb6b0753d2a2f6230a3aa83"
+REPLY_PULL_FIRST_S, REPLY_PULL_CAP_S = 0.02, 0.5
+
+
+def _pull_replies_promptly() -> None:
+    """A reply is listed before its content has reached the SuperLink; Flower's grid asks again after 1, 2, 4 s.
+    In this (ServerApp) process ask after 20 ms, doubling up to 0.5 s (runtimes/flower/prompt_pulls.py), where
+    the installed Flower is the pinned one."""
+    from flwr.superlink.grid import http_grid
+
+    from fedgen.runtimes.flower.pins import mismatch
+    from fedgen.runtimes.flower.prompt_pulls import retry_promptly
+
+    pinned = {"http_grid.HttpGrid.pull_messages": PULL_MESSAGES_SOURCE}
+    if mismatch(pinned, {"http_grid.HttpGrid.pull_messages": http_grid.HttpGrid.pull_messages}, "") is None:
+        retry_promptly(http_grid, "pull_objects", REPLY_PULL_FIRST_S, REPLY_PULL_CAP_S)
+
+
 def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while len(list(grid.get_node_ids())) < n and time.monotonic() < deadline:
@@ -203,6 +223,8 @@ def flower_federation(grid: Grid, cfg: Config, run_dir: RunDir, device: torch.de
            "silo_state": str((run_dir.path / "silos").resolve()) if where == "flower-sim" else None}
     ttl = cfg.runtime.message_ttl_s or cfg.runtime.round_timeout_s
     _bound_retries(grid, cfg.runtime.link_timeout_s)
+    if where == "flower":
+        _pull_replies_promptly()
     pool = FlowerPool(grid, run, ttl, console, expected, stop, POLL_S[where])
     n = cfg.fl.clients
     console.print(f"waiting for {n} SuperNodes (up to {cfg.runtime.wait_for_nodes_s:g}s)")

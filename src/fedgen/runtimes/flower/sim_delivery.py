@@ -13,24 +13,24 @@ undelivered message is marked delivered and queued, exactly what the loop over n
 the pass being cheap, ticks come every 10 ms instead of 100 ms (a message waits less before an actor takes it).
 
 It replaces a private function of a pinned Flower. `patched_delivery` installs it only where Flower is the
-version and the code it was written against (`PINNED_VERSION`, and the source hashes of the functions it
-stands for and calls); elsewhere Flower's own delivery runs, with a warning. tests/test_flower.py fails when either
-changes, so an upgrade of Flower cannot silently keep a delivery it no longer matches.
+version and the code it was written against (runtimes/flower/pins.py: the version, and the source hashes of the
+functions it stands for and calls); elsewhere Flower's own delivery runs, with a warning. tests/test_flower.py
+fails when either changes, so an upgrade of Flower cannot silently keep a delivery it no longer matches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Queue
 
-PINNED_VERSION = "1.41.0"
+from fedgen.runtimes.flower.pins import mismatch
+
 TICK_S = 0.01  # Flower's loop waits 0.1 s between its (N x M) passes; one pass over M messages is cheap enough
-# sha256 of inspect.getsource(...) in flwr 1.41.0: what `deliver_pending` stands for and relies on
+# sha256 of inspect.getsource(...) in flwr 1.41.0 (runtimes/flower/pins.py): what `deliver_pending` stands for and
+# relies on
 PINNED_SOURCES = {
     "vce_api.add_messages_to_queue": "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a",
     "InMemoryLinkState.get_message_ins": "6547c8dcbc62e12f5b2aa5c69f4de8c7c7072c10d6c0876512cf37197d941056",
@@ -38,25 +38,18 @@ PINNED_SOURCES = {
 }
 
 
-def _flower_sources() -> dict[str, str]:
+def _flower_functions() -> dict:
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
-    functions = {"vce_api.add_messages_to_queue": vce_api.add_messages_to_queue,
-                 "InMemoryLinkState.get_message_ins": InMemoryLinkState.get_message_ins,
-                 "InMemoryLinkState._check_stored_messages": InMemoryLinkState._check_stored_messages}
-    return {name: hashlib.sha256(inspect.getsource(f).encode()).hexdigest() for name, f in functions.items()}
+    return {"vce_api.add_messages_to_queue": vce_api.add_messages_to_queue,
+            "InMemoryLinkState.get_message_ins": InMemoryLinkState.get_message_ins,
+            "InMemoryLinkState._check_stored_messages": InMemoryLinkState._check_stored_messages}
 
 
 def flower_matches() -> str | None:
     """None where the installed Flower is the one `deliver_pending` was written against, else what differs."""
-    import flwr
-
-    version = getattr(flwr, "__version__", "?")
-    if version != PINNED_VERSION:
-        return f"flwr {version} (the faster delivery was written against {PINNED_VERSION})"
-    changed = [name for name, digest in _flower_sources().items() if PINNED_SOURCES[name] != digest]
-    return f"flwr's {', '.join(changed)} changed" if changed else None
+    return mismatch(PINNED_SOURCES, _flower_functions(), "the faster delivery")
 
 
 def deliver_pending(state, queue: Queue, nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
@@ -92,9 +85,9 @@ def patched_delivery() -> Iterator[bool]:
     installed Flower is not the pinned one (yields False, after a warning naming what differs)."""
     from flwr.server.superlink.fleet.vce import vce_api
 
-    mismatch = flower_matches()
-    if mismatch is not None:
-        warnings.warn(f"{mismatch}: Flower's simulation keeps its own message delivery, whose cost grows with "
+    differs = flower_matches()
+    if differs is not None:
+        warnings.warn(f"{differs}: Flower's simulation keeps its own message delivery, whose cost grows with "
                       "the number of virtual nodes times the messages in flight", RuntimeWarning, stacklevel=2)
         yield False
         return

@@ -30,6 +30,9 @@ from fedgen.runtimes.flower.deploy.common import (
     terminate,
 )
 
+# between `flwr ls` calls while a run trains: each is a new Python process (about a second of CPU), which on a
+# machine that also runs the SuperNodes competes with the training; the end of the log stream asks at once
+STATUS_EVERY_S = 10.0
 SERVERAPP_FAILED = "ServerApp failed with exception: "  # Flower's status details of a ServerApp that raised
 
 
@@ -165,16 +168,22 @@ def _follow(home: FlwrHome, run_id: str, follow: subprocess.Popen, echo: Callabl
     sel.register(follow.stdout, selectors.EVENT_READ)
 
     def drain(seconds: float) -> None:
+        """Echo the log for `seconds`, or until the log's stream ends (the run has ended: ask at once)."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
+            if not sel.get_map():  # the stream ended earlier: ask every second
+                time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+                return
             for _ in sel.select(timeout=min(0.2, seconds)):
                 line = follow.stdout.readline()
-                if line:
-                    echo(line.rstrip("\n"))
+                if not line:
+                    sel.unregister(follow.stdout)
+                    return
+                echo(line.rstrip("\n"))
 
     answered, unanswered = time.monotonic(), 0
     while True:
-        drain(3.0)
+        drain(STATUS_EVERY_S)
         status = _status(home, run_id, timeout=min(30.0, patience_s))
         if status is None:
             unanswered += 1

@@ -1,10 +1,20 @@
 """`fedgen flower supernode`: runs `flower-supernode` for one silo (its output cleaned of colour codes and
 HTTP access lines), turns its failures (unreachable SuperLink, certificate not trusted, key not registered) into
 one clear message, says in a line of its own when it stops, and takes `flower-supernode` with it however it
-ends (SIGKILL included, on Linux)."""
+ends (SIGKILL included, on Linux).
+
+The fast path (default; `--no-fast` runs Flower's stock SuperNode): the SuperNode with short waits
+(deploy/short_waits.py) and `--isolation process`, and next to it fedgen's long-lived node worker
+(deploy/node_worker.py), which runs the node's messages in one process that keeps torch, the silo's data and its
+state loaded. The two share a SuperExec secret, a random file readable by this user alone; a worker that ends
+is started again (the message it held is a failed silo for that round).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +33,10 @@ from fedgen.runtimes.flower.deploy.common import (
 
 
 def supernode_command(superlink: str, certs: Path | None, key: Path | None, partition_id: int,
-                      data: Path | None, port: int, max_wait_s: float, state_dir: Path | None) -> list[str]:
+                      data: Path | None, port: int, max_wait_s: float, state_dir: Path | None,
+                      secret: Path | None = None) -> list[str]:
+    """`flower-supernode`'s command line; with `secret` (the fast path), the short-waits SuperNode in process
+    isolation, its tasks signed with that SuperExec secret."""
     if partition_id < 0:
         raise UsageError(f"--partition-id is this silo's number, 0..N-1 for a run of fl.clients=N silos: it "
                          f"cannot be negative, got {partition_id}")
@@ -33,7 +46,10 @@ def supernode_command(superlink: str, certs: Path | None, key: Path | None, part
             raise DeploymentError(f"silo data {data} not found")
         node_config += f" data-path='{data.resolve()}'"
     node_config += f" state-dir='{Path(state_dir or silo_state_home()).resolve()}'"
-    cmd = [flwr_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config,
+    program = [flwr_bin("flower-supernode")] if secret is None else \
+        [sys.executable, "-m", "fedgen.runtimes.flower.deploy.short_waits", "--isolation", "process",
+         "--superexec-auth-secret-file", str(secret)]
+    cmd = [*program, "--superlink", superlink, "--port", str(port), "--node-config", node_config,
            "--max-wait-time", f"{max_wait_s:g}"]
     if certs is None:
         return [*cmd, "--insecure"]
@@ -65,22 +81,49 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+def worker_command(port: int, secret: Path) -> list[str]:
+    return [sys.executable, "-m", "fedgen.runtimes.flower.deploy.node_worker", "--runtime-api-address",
+            f"127.0.0.1:{port}", "--secret-file", str(secret)]
+
+
+def _new_secret() -> tuple[tempfile.TemporaryDirectory, Path]:
+    """A random SuperExec secret in a folder of its own, both readable by this user alone."""
+    folder = tempfile.TemporaryDirectory(prefix="fedgen-node-")  # mode 0700
+    path = Path(folder.name) / "superexec-secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return folder, path
+
+
 def serve_supernode(superlink: str, certs: Path | None, key: Path | None, partition_id: int, data: Path | None,
                     port: int = 9094, max_wait_s: float = 60, state_dir: Path | None = None,
-                    echo: Callable[[str], None] = _print) -> int:
+                    echo: Callable[[str], None] = _print, fast: bool = True) -> int:
     """Run one SuperNode (one silo) until it is stopped (SIGINT/SIGTERM: exit status 0) or its `flower-supernode`
     ends; a failure (to join, or a killed `flower-supernode`) is a DeploymentError. Every way out says so in one
-    line: "SuperNode for silo I stopped: ..."."""
-    cmd = supernode_command(superlink, certs, key, partition_id, data, port, max_wait_s, state_dir)
+    line: "SuperNode for silo I stopped: ...". With `fast`, the node worker runs beside it and is restarted when it
+    ends."""
+    folder, secret = _new_secret() if fast else (None, None)
+    cmd = supernode_command(superlink, certs, key, partition_id, data, port, max_wait_s, state_dir, secret)
     stop = stop_on_signals()
+    worker = None
     try:
         node = FlowerProcess(cmd, echo)
         try:
             while node.poll() is None and not stop.requested:
+                if fast and (worker is None or worker.poll() is not None):
+                    if worker is not None:
+                        echo(f"node worker for silo {partition_id} ended ({worker.how_it_ended()}); starting it "
+                             "again")
+                    worker = FlowerProcess(worker_command(port, secret), echo)
                 time.sleep(0.2)
         finally:
+            if worker is not None:
+                worker.stop()
             node.stop()
     finally:
         stop.restore()
+        if folder is not None:
+            folder.cleanup()
     return node.ended(f"SuperNode for silo {partition_id} stopped", stop, echo,
                       lambda output: explain_supernode_failure(output, superlink, certs, key, max_wait_s))
