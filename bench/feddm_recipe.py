@@ -42,6 +42,9 @@ VARIANTS: dict[str, list[str]] = {
     "v+min-snr+batch-64": ["train.batch_size=64"],  # the same image passes in half the steps
     "v+min-snr+wide": ["model.arch=custom", "model.block_out_channels=[48, 96, 96]", "model.layers_per_block=1",
                        "model.attention_levels=[]"],  # about 2.2x the parameters and arithmetic
+    # compressed updates (issue "A deployment that costs what the work costs"): the FID cost at equal rounds
+    "v+min-snr+int8": ["fl.compression=int8"],
+    "v+min-snr+fp16": ["fl.compression=fp16"],
     # the centralized twin at the same image passes (30 rounds x 2 clients x 1 epoch of ~1,000 images = 6 epochs
     # of the 10,000): how far the federated split is from one party holding all the data
     "v+min-snr+central": ["fl.centralized=true", "fl.rounds=6"],

@@ -13,7 +13,8 @@ Workloads are presets (FedDM or PGA; for PGA the table adds generator steps per 
 trains a fresh run of the preset with `fl.rounds` set to --rounds and one CPU thread per
 client (so the three runtimes compute bit-identical weights), into bench/results/runtimes/. The deployment is a
 SuperLink and one SuperNode per silo on 127.0.0.1 with TLS and SuperNode authentication, started with fedgen's
-own commands and stopped by PID. Reported per run: the median per-round wall time (fit + the silos' loss
+own commands and stopped by PID: `flower` with fedgen's fast path (the default), `flower-stock` with Flower's
+stock SuperNodes (`--no-fast`). Reported per run: the median per-round wall time (fit + the silos' loss
 evaluation + aggregation, from metrics.jsonl), the time outside rounds (start-up, node discovery, the final sample
 grid), the tensor
 bytes moved per round, and the ratio to in-process. Prints a table, writes JSON.
@@ -75,21 +76,24 @@ def _train(runtime: str, preset: str, rounds: int, out: Path, flags: list[str],
     return seconds, peak
 
 
-def _deployed(preset: str, rounds: int, out: Path, clients: int) -> float:
+def _deployed(preset: str, rounds: int, out: Path, clients: int, sets: tuple[str, ...], fast: bool) -> float:
     with tempfile.TemporaryDirectory(prefix="fedgen-bench-") as tmp, LocalDeployment(Path(tmp), 18500) as dep:
         certs = Path(tmp) / "certs"
         subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(certs), "--nodes", str(clients)],
                        check=True, capture_output=True)
         dep.start_superlink(certs)
         for silo in range(clients):
-            dep.start_supernode(certs, silo, certs / f"node-{silo + 1}")
-        return _train("flower", preset, rounds, out, ["--superlink", dep.superlink, "--certs", str(certs)])[0]
+            dep.start_supernode(certs, silo, certs / f"node-{silo + 1}", *([] if fast else ["--no-fast"]))
+        return _train("flower", preset, rounds, out, ["--superlink", dep.superlink, "--certs", str(certs)],
+                      sets)[0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="tiny,fmnist-quick")
-    ap.add_argument("--runtimes", default="local,flower-sim,flower")
+    ap.add_argument("--runtimes", default="local,flower-sim,flower",
+                    help="of local, flower-sim, flower (a deployment with fedgen's fast path) and flower-stock (a "
+                    "deployment of Flower's stock SuperNodes: `fedgen flower supernode --no-fast`)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", default=None, help="the N sweep: comma-separated fl.clients values")
     ap.add_argument("--per-round", type=int, default=10, help="the N sweep: fl.clients_per_round (K)")
@@ -103,8 +107,8 @@ def main() -> None:
     for preset in args.workloads.split(","):
         for n in sweep:
             clients = n or config_mod.load(preset).fl.clients
-            sets = () if n is None else (f"fl.clients={n}", f"fl.clients_per_round={min(args.per_round, n)}",
-                                         "data.partition=iid", *args.set)
+            sets = tuple(args.set) if n is None else (f"fl.clients={n}", f"fl.clients_per_round="
+                                                      f"{min(args.per_round, n)}", "data.partition=iid", *args.set)
             for runtime in args.runtimes.split(","):
                 rows.append(_measure(preset, runtime, args.rounds, clients, sets))
     for row in rows:
@@ -129,8 +133,8 @@ def _measure(preset: str, runtime: str, rounds: int, clients: int, sets: tuple[s
     out = Path("bench/results/runtimes") / name
     shutil.rmtree(out, ignore_errors=True)
     launched = datetime.now(UTC)
-    if runtime == "flower":
-        wall, peak = _deployed(preset, rounds, out, clients), 0  # processes not below this one: not measured
+    if runtime in ("flower", "flower-stock"):  # processes not below this one: peak memory not measured
+        wall, peak = _deployed(preset, rounds, out, clients, sets, fast=runtime == "flower"), 0
     else:
         wall, peak = _train(runtime, preset, rounds, out, [], sets)
     records = RunDir(out).read_metrics()

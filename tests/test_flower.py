@@ -334,11 +334,12 @@ def _silo_folders(root: Path, per_class: int = 6) -> list[Path]:
 
 def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
     """A SuperLink and SuperNodes on 127.0.0.1 (TLS, registered node keys, a --state folder each):
-    - DP-SGD + SCAFFOLD trained 2 rounds, then extended to 3 with another round timeout, equals the in-process
-      run of 3 rounds (weights, server variate, per-silo steps and epsilon), and `fedgen audit` reads it;
+    - on fedgen's fast path (short waits, a node worker): DP-SGD + SCAFFOLD trained 2 rounds, then (silo 1's
+      worker killed and restarted between) extended to 3 with another round timeout, equals the in-process run of
+      3 rounds (weights, server variate, per-silo steps and epsilon), and `fedgen audit` reads it;
     - a DP PGA run extended by a round equals its in-process twin;
-    - SuperNodes that each read their own --data folder train a run; Ctrl-C stops it on the SuperLink (no
-      ServerApp left) and the rerun gives one record per round;
+    - on Flower's stock SuperNodes (--no-fast), each reading its own --data folder, a run trains; Ctrl-C stops it
+      on the SuperLink (no ServerApp left) and the rerun gives one record per round;
     - a round with one SuperNode killed completes with the survivor;
     - killing the SuperLink mid-run ends `fedgen train` with an error in bounded time, and the ServerApp lets go
       of the run directory (`fedgen audit` of a Flower run: the simulation test);
@@ -364,8 +365,14 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
         out = tmp_path / "fed"
         _new_run(out, states)
         _train_on(superlink, certs, out, "tiny", *DP_SCAFFOLD, "fl.rounds=2", "log.loss_eval_samples=0")
+        # silo 1's node worker dies between the runs: its restart reloads the silo's state from the --state folder
+        worker = subprocess.run(["pgrep", "-f", f"node_worker --runtime-api-address 127.0.0.1:{port + 2}"],
+                                capture_output=True, text=True).stdout.split()
+        assert len(worker) == 1
+        os.kill(int(worker[0]), signal.SIGKILL)
         _train_on(superlink, certs, out, "tiny", *DP_SCAFFOLD, "fl.rounds=3", "log.loss_eval_samples=0",
                   "runtime.round_timeout_s=120")
+        assert "node worker for silo 1 ended" in dep.log("node1")
         _assert_same(_global(out, 3), _global(feddm_ref, 3))
         _assert_same(*[torch.load(d / "checkpoints" / "round_0003" / "optimizer.pt")["scaffold_control"]
                        for d in (out, feddm_ref)])
@@ -399,7 +406,7 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
         for silo in (0, 1):
             dep.start(f"own{silo}", "supernode", "--superlink", superlink, "--certs", str(certs), "--key",
                       str(certs / f"node-{silo + 4}"), "--partition-id", str(silo), "--port", str(port + 7 + silo),
-                      "--data", str(folders[silo]), "--state", str(tmp_path / f"own-state{silo}"))
+                      "--data", str(folders[silo]), "--state", str(tmp_path / f"own-state{silo}"), "--no-fast")
         own = tmp_path / "own"
         image_folder = [*OVERRIDES, "data.dataset=image-folder", "data.image_size=8", "data.channels=1",
                         "log.loss_eval_samples=0", "runtime.link_timeout_s=10"]
@@ -592,6 +599,91 @@ def test_the_delivery_fedgen_installs_is_written_for_this_flower():
     with sim_delivery.patched_delivery() as installed:
         assert installed and vce_api.add_messages_to_queue is sim_delivery.deliver_pending
     assert vce_api.add_messages_to_queue is original
+
+
+def test_the_deployment_fast_path_is_written_for_this_flower(monkeypatch):
+    """The fast path relies on private code of Flower 1.41.0 (the SuperNode loop's waits, the SuperExec loop and
+    flwr-clientapp's task handling the node worker mirrors, the pulls it retries sooner): each pinned by source
+    hash, so an upgrade fails here instead of running code that no longer matches. `install` puts the short waits
+    and the prompt pulls in place."""
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+
+    from fedgen.runtimes.flower import server_app
+    from fedgen.runtimes.flower.deploy import node_worker, short_waits
+    from fedgen.runtimes.flower.pins import mismatch
+
+    assert node_worker.flower_matches() is None and short_waits.flower_matches() is None
+    assert mismatch({"http_grid.HttpGrid.pull_messages": server_app.PULL_MESSAGES_SOURCE},
+                    {"http_grid.HttpGrid.pull_messages": http_grid.HttpGrid.pull_messages}, "") is None
+    assert "changed" in mismatch({"f": "0" * 64}, {"f": test_the_deployment_fast_path_is_written_for_this_flower}, "")
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
+    assert short_waits.install()
+    assert isinstance(start_client_internal.time, short_waits.ShortWaits)
+    assert start_client_internal.pull_objects.keywords == {"initial_backoff": short_waits.PULL_FIRST_S,
+                                                           "backoff_cap": short_waits.PULL_CAP_S}
+
+
+def test_short_waits_back_off_while_idle_and_reset_when_a_message_is_answered(monkeypatch):
+    from fedgen.runtimes.flower.deploy import short_waits
+
+    slept = []
+    monkeypatch.setattr(short_waits.time, "sleep", slept.append)
+    waits = short_waits.ShortWaits(idle_min_s=0.02, local_s=0.01)
+    for _ in range(10):
+        waits.sleep(3)  # Flower's idle wait: no message at the SuperLink
+    assert slept == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 3, 3]
+    slept.clear()
+    waits.sleep(0.5)  # Flower's wait for the ClientApp's reply: a message is being answered
+    waits.sleep(3)
+    waits.sleep(0.25)  # any other wait is Flower's own
+    assert slept == [0.01, 0.02, 0.25] and waits.monotonic() > 0
+
+
+def test_the_node_secret_is_readable_by_its_user_alone():
+    from fedgen.runtimes.flower.deploy.supernode import _new_secret
+
+    (folder, path), (other_folder, other) = _new_secret(), _new_secret()
+    try:
+        assert len(path.read_bytes()) == 32 and path.read_bytes() != other.read_bytes()
+        assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        folder.cleanup()
+        other_folder.cleanup()
+    assert not path.exists()
+
+
+def test_a_killed_node_worker_is_a_failed_silo_for_its_round_and_comes_back(tmp_path):
+    """Two SuperNodes on the fast path (TLS, authenticated). Silo 1's node worker is killed during round 2's fit:
+    round 2 completes with silo 0 alone (after runtime.round_timeout_s); `fedgen flower supernode` starts a new
+    worker, which takes silo 1's messages again once Flower has expired the dead task (two missed task
+    heartbeats), and the last round aggregates both silos."""
+    certs = tmp_path / "certs"
+    subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(certs), "--nodes", "2"], check=True,
+                   capture_output=True)
+    port = 17000 + os.getpid() % 1000
+    out = tmp_path / "run"
+    with LocalDeployment(tmp_path, port) as dep:
+        dep.start_superlink(certs)
+        for silo in (0, 1):
+            dep.start_supernode(certs, silo, certs / f"node-{silo + 1}", "--state", str(tmp_path / f"state{silo}"))
+        proc = subprocess.Popen(_train_cmd(dep.superlink, certs, out, "tiny", *OVERRIDES, "fl.rounds=8",
+                                           "fl.local_epochs=40", "log.loss_eval_samples=0",
+                                           "runtime.round_timeout_s=25"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_round(out, 1, proc)
+        time.sleep(2)  # round 2's fit is under way on both silos (40 local epochs)
+        worker = subprocess.run(["pgrep", "-f", f"node_worker --runtime-api-address 127.0.0.1:{port + 2}"],
+                                capture_output=True, text=True).stdout.split()
+        assert len(worker) == 1
+        os.kill(int(worker[0]), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+        assert "node worker for silo 1 ended (python was killed by SIGKILL); starting it again" in dep.log("node1")
+    records = RunDir(out).round_records()
+    assert records[0]["aggregated"] == [0, 1] and records[1]["aggregated"] == [0]
+    assert "1" in records[1]["rejected"] and records[-1]["aggregated"] == [0, 1]
 
 
 def _ray_processes() -> set[int]:
