@@ -337,16 +337,17 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
     - on fedgen's fast path (short waits, a node worker): DP-SGD + SCAFFOLD trained 2 rounds, then (silo 1's
       worker killed and restarted between) extended to 3 with another round timeout, equals the in-process run of
       3 rounds (weights, server variate, per-silo steps and epsilon), and `fedgen audit` reads it;
-    - a DP PGA run extended by a round equals its in-process twin;
-    - on Flower's stock SuperNodes (--no-fast), each reading its own --data folder, a run trains; Ctrl-C stops it
-      on the SuperLink (no ServerApp left) and the rerun gives one record per round;
+    - on Flower's stock SuperNodes (--no-fast) with the same state folders, a DP PGA run extended by a round
+      equals its in-process twin;
+    - SuperNodes that each read their own --data folder train a run; Ctrl-C stops it on the SuperLink (no
+      ServerApp left) and the rerun gives one record per round;
     - a round with one SuperNode killed completes with the survivor;
     - killing the SuperLink mid-run ends `fedgen train` with an error in bounded time, and the ServerApp lets go
       of the run directory (`fedgen audit` of a Flower run: the simulation test);
     bad certificates and an unregistered key are clear errors; every process is stopped."""
     feddm_ref, pga_ref = extended_reference
     certs = tmp_path / "certs"
-    subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(certs), "--nodes", "5"], check=True,
+    subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(certs), "--nodes", "7"], check=True,
                    capture_output=True)
     other = tmp_path / "other-certs"
     subprocess.run([str(BIN / "fedgen"), "flower", "certs", "--out", str(other), "--nodes", "1"], check=True,
@@ -380,7 +381,15 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
         assert RunDir(out).read_metrics()[0]["runtime"] == "flower"
         assert sorted(p.name for p in (states[0] / "test-fed").iterdir()) == ["silo_000"]  # keyed by the run id
 
-        # a DP PGA run, extended by a round
+        # Flower's stock SuperNodes (--no-fast) for the same two silos, with their state folders
+        for silo in (0, 1):
+            dep.procs[f"node{silo}"].send_signal(signal.SIGTERM)
+            assert dep.procs[f"node{silo}"].wait(30) == 0
+            dep.start(f"stock{silo}", "supernode", "--superlink", superlink, "--certs", str(certs), "--key",
+                      str(certs / f"node-{silo + 6}"), "--partition-id", str(silo), "--port", str(port + 9 + silo),
+                      "--state", str(states[silo]), "--no-fast")
+
+        # a DP PGA run on the stock SuperNodes, extended by a round
         pga = tmp_path / "pga"
         _new_run(pga, states)
         _train_on(superlink, certs, pga, "pga-smoke", *PGA_DP, "fl.rounds=1")
@@ -398,15 +407,15 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
                               str(port + 6)], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "TLS: the SuperLink at" in " ".join(bad.stderr.split())
 
-        # two new SuperNodes, each with its own data folder (the coordinator holds none of it)
+        # two new SuperNodes on the fast path, each with its own data folder (the coordinator holds none of it)
         for silo in (0, 1):
-            dep.procs[f"node{silo}"].send_signal(signal.SIGTERM)
-            assert dep.procs[f"node{silo}"].wait(30) == 0
+            dep.procs[f"stock{silo}"].send_signal(signal.SIGTERM)
+            assert dep.procs[f"stock{silo}"].wait(30) == 0
         folders = _silo_folders(tmp_path / "own-data")
         for silo in (0, 1):
             dep.start(f"own{silo}", "supernode", "--superlink", superlink, "--certs", str(certs), "--key",
                       str(certs / f"node-{silo + 4}"), "--partition-id", str(silo), "--port", str(port + 7 + silo),
-                      "--data", str(folders[silo]), "--state", str(tmp_path / f"own-state{silo}"), "--no-fast")
+                      "--data", str(folders[silo]), "--state", str(tmp_path / f"own-state{silo}"))
         own = tmp_path / "own"
         image_folder = [*OVERRIDES, "data.dataset=image-folder", "data.image_size=8", "data.channels=1",
                         "log.loss_eval_samples=0", "runtime.link_timeout_s=10"]
@@ -437,7 +446,7 @@ def test_deployment_with_tls_and_authentication(extended_reference, tmp_path):
 
         # silo 1's SuperNode dies: the next round completes with silo 0 alone; then the SuperLink dies mid-run,
         # and `fedgen train` ends with a clear error in bounded time
-        node1 = subprocess.run(["pgrep", "-f", f"flower-supernode.*--port {port + 8}"], capture_output=True,
+        node1 = subprocess.run(["pgrep", "-f", f"short_waits.*--port {port + 8}"], capture_output=True,
                                text=True).stdout.split()
         assert len(node1) == 1
         os.kill(int(node1[0]), signal.SIGKILL)

@@ -81,6 +81,9 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+WORKER_SETTLE_S, WORKER_QUICK_ENDS = 30.0, 3  # a worker that ends this many times in a row this soon cannot run
+
+
 def worker_command(port: int, secret: Path) -> list[str]:
     return [sys.executable, "-m", "fedgen.runtimes.flower.deploy.node_worker", "--runtime-api-address",
             f"127.0.0.1:{port}", "--secret-file", str(secret)]
@@ -106,16 +109,21 @@ def serve_supernode(superlink: str, certs: Path | None, key: Path | None, partit
     folder, secret = _new_secret() if fast else (None, None)
     cmd = supernode_command(superlink, certs, key, partition_id, data, port, max_wait_s, state_dir, secret)
     stop = stop_on_signals()
-    worker = None
+    worker, started, quick_ends = None, 0.0, 0
     try:
         node = FlowerProcess(cmd, echo)
         try:
             while node.poll() is None and not stop.requested:
                 if fast and (worker is None or worker.poll() is not None):
                     if worker is not None:
+                        quick_ends = quick_ends + 1 if time.monotonic() - started < WORKER_SETTLE_S else 0
+                        if quick_ends >= WORKER_QUICK_ENDS:  # it cannot start: say why rather than loop
+                            raise DeploymentError(f"the node worker for silo {partition_id} ended {quick_ends} times "
+                                                  f"within {WORKER_SETTLE_S:g}s of starting:\n"
+                                                  f"{last_lines(worker.output, 10)}")
                         echo(f"node worker for silo {partition_id} ended ({worker.how_it_ended()}); starting it "
                              "again")
-                    worker = FlowerProcess(worker_command(port, secret), echo)
+                    worker, started = FlowerProcess(worker_command(port, secret), echo), time.monotonic()
                 time.sleep(0.2)
         finally:
             if worker is not None:
