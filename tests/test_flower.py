@@ -677,12 +677,12 @@ def test_a_killed_node_worker_is_a_failed_silo_for_its_round_and_comes_back(tmp_
         dep.start_superlink(certs)
         for silo in (0, 1):
             dep.start_supernode(certs, silo, certs / f"node-{silo + 1}", "--state", str(tmp_path / f"state{silo}"))
-        proc = subprocess.Popen(_train_cmd(dep.superlink, certs, out, "tiny", *OVERRIDES, "fl.rounds=8",
-                                           "fl.local_epochs=40", "log.loss_eval_samples=0",
-                                           "runtime.round_timeout_s=25"),
+        proc = subprocess.Popen(_train_cmd(dep.superlink, certs, out, "tiny", *OVERRIDES, "fl.rounds=4",
+                                           "fl.local_epochs=30", "log.loss_eval_samples=0",
+                                           "runtime.round_timeout_s=60"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for_round(out, 1, proc)
-        time.sleep(2)  # round 2's fit is under way on both silos (40 local epochs)
+        time.sleep(3)  # round 2's fit is under way on both silos (30 local epochs: several seconds)
         worker = subprocess.run(["pgrep", "-f", f"node_worker --runtime-api-address 127.0.0.1:{port + 2}"],
                                 capture_output=True, text=True).stdout.split()
         assert len(worker) == 1
