@@ -217,12 +217,14 @@ def _gone_within(pids: list[int], seconds: float) -> list[int]:
 
 
 def _flower_tree(wrapper: int) -> list[int]:
-    """The Flower process a fedgen wrapper runs and that one's children (its SuperExec)."""
+    """The processes a fedgen wrapper runs and their children: a stock Flower process and its SuperExec, or on
+    the fast path a SuperNode and its node worker (the first one listed is the Flower process)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        flower = _children(wrapper)
-        if flower and _children(flower[0]):
-            return [flower[0], *_children(flower[0])]
+        started = _children(wrapper)
+        below = [p for child in started for p in _children(child)]
+        if len(started) >= 2 or below:
+            return [*started, *below]
         time.sleep(0.3)
     raise AssertionError(f"no Flower process under {wrapper}")
 
@@ -277,8 +279,8 @@ def test_a_deployment_as_its_user_sees_it(tmp_path):
                         "fl.clients=2: start one SuperNode per silo, --partition-id 0..1 (missing: silo 1)")
 
         dep.start("node5", "supernode", "--superlink", dep.superlink, "--certs", str(certs), "--key",
-                  str(certs / "node-2"), "--partition-id", "5", "--port", str(port + 6))
-        dep.wait_for("node5", "Starting Flower SuperExec", 120)
+                  str(certs / "node-2"), "--partition-id", "5", "--port", str(port + 6), "--no-fast")
+        dep.wait_for("node5", "Starting Flower SuperExec", 120)  # Flower's stock SuperNode (node 0: the fast path)
         line = _one_error_line(_train(dep, certs, tmp_path / "outside"))
         assert line.startswith("error: the SuperNode of silo 5 (node ") and line.endswith(
             "refused the run: --partition-id 5 is outside the run's silos 0..1 (fl.clients=2): start this SuperNode "

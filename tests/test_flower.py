@@ -689,7 +689,8 @@ def test_a_killed_node_worker_is_a_failed_silo_for_its_round_and_comes_back(tmp_
         os.kill(int(worker[0]), signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
-        assert "node worker for silo 1 ended (python was killed by SIGKILL); starting it again" in dep.log("node1")
+        said = "node worker for silo 1 ended (fedgen-node-worker was killed by SIGKILL); starting it again"
+        assert said in dep.log("node1")
     records = RunDir(out).round_records()
     assert records[0]["aggregated"] == [0, 1] and records[1]["aggregated"] == [0]
     assert "1" in records[1]["rejected"] and records[-1]["aggregated"] == [0, 1]

@@ -99,8 +99,8 @@ class FlowerProcess:
     PR_SET_PDEATHSIG), its output cleaned (`clean_line`) and passed to `echo` by a thread as it comes. `output`
     keeps its last lines uncleaned but for colour, for explaining a failure."""
 
-    def __init__(self, cmd: list[str], echo: Callable[[str], None], keep: int = 200):
-        self.name = Path(cmd[0]).name
+    def __init__(self, cmd: list[str], echo: Callable[[str], None], keep: int = 200, name: str | None = None):
+        self.name = name or Path(cmd[0]).name
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      env=flwr_env(), process_group=0, preexec_fn=_die_with_parent())
         self.pid = self.proc.pid

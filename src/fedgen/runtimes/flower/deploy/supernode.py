@@ -111,7 +111,7 @@ def serve_supernode(superlink: str, certs: Path | None, key: Path | None, partit
     stop = stop_on_signals()
     worker, started, quick_ends = None, 0.0, 0
     try:
-        node = FlowerProcess(cmd, echo)
+        node = FlowerProcess(cmd, echo, name="flower-supernode")
         try:
             while node.poll() is None and not stop.requested:
                 if fast and (worker is None or worker.poll() is not None):
@@ -123,7 +123,8 @@ def serve_supernode(superlink: str, certs: Path | None, key: Path | None, partit
                                                   f"{last_lines(worker.output, 10)}")
                         echo(f"node worker for silo {partition_id} ended ({worker.how_it_ended()}); starting it "
                              "again")
-                    worker, started = FlowerProcess(worker_command(port, secret), echo), time.monotonic()
+                    worker = FlowerProcess(worker_command(port, secret), echo, name="fedgen-node-worker")
+                    started = time.monotonic()
                 time.sleep(0.2)
         finally:
             if worker is not None:
